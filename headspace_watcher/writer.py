@@ -1,0 +1,518 @@
+"""EventWriter: the only way events reach PostgreSQL.
+
+Two paths share one set of guarantees (atomic, idempotent, retried):
+
+* ``write(event)`` for single producers (state machine, hooks, CLI);
+* ``write_batch(batch)`` for the tailer: events, rejections, session state and the source
+  checkpoints they came from, in ONE transaction — offsets and events can never disagree.
+
+The batch path streams rows with COPY (the server is the bottleneck; COPY is its cheapest
+input). The checkpoint guard makes that safe: the source rows are locked and their offsets
+compared with where the batch starts, so rows for those positions cannot exist yet. If the
+guard is ever wrong (a unique-index hit) or one event is poison (PostgreSQL refuses it), the
+transaction is redone row by row with savepoints: duplicates are skipped with a warning,
+poison events go to ``rejected_events``, the rest is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, bindparam, func, select, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from headspace_watcher.db import agents, events, projects, rejected_events, sessions, sources
+from headspace_watcher.events import Event, Rejection, SourcePosition
+from headspace_watcher.retry import RetryPolicy, is_transient
+from headspace_watcher.schemas import InvalidEvent, validate_payload
+
+log = logging.getLogger(__name__)
+
+RAW_TEXT_CAP = 64 * 1024
+_EVENT_COLUMNS = (
+    "timestamp",
+    "event_type",
+    "payload",
+    "project_id",
+    "agent_id",
+    "task_id",
+    "turn_id",
+    "source_id",
+    "source_generation",
+    "source_offset",
+    "source_seq",
+)
+_COPY_SQL = f"COPY events ({', '.join(_EVENT_COLUMNS)}) FROM STDIN"
+
+
+class WriteFailed(RuntimeError):
+    """Transient failures outlasted the retries; nothing of the batch was stored."""
+
+
+class WriteAborted(RuntimeError):
+    """The caller asked to stop (shutdown) while retrying; nothing of the batch was stored."""
+
+
+class CheckpointConflict(RuntimeError):
+    """A source's stored offset is not where the batch starts: someone else wrote it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceAdvance:
+    """Moves one source's checkpoint from ``start_offset`` to ``end_offset``."""
+
+    source_id: int
+    generation: int
+    start_offset: int
+    end_offset: int
+    lines: int
+    fingerprint: bytes | None = None
+
+
+@dataclass(slots=True)
+class SessionChange:
+    """The lifecycle row of a session as it must be after this batch."""
+
+    session_uuid: str
+    state: str
+    epoch: int
+    registered_at: datetime
+    last_activity_at: datetime
+    project_path: str | None = None
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    events: list[Event] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    advances: list[SourceAdvance] = field(default_factory=list)
+    sessions: list[SessionChange] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.rejections or self.advances or self.sessions)
+
+
+@dataclass(slots=True)
+class WriteResult:
+    written: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+
+
+@dataclass(slots=True)
+class WriterMetrics:
+    events_written: int = 0
+    failed_writes: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    last_write_at: datetime | None = None
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "events_written": self.events_written,
+            "failed_writes": self.failed_writes,
+            "rejected": self.rejected,
+            "duplicates": self.duplicates,
+            "last_write_at": self.last_write_at.isoformat() if self.last_write_at else None,
+            "last_error": self.last_error,
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def storable_text(raw: bytes | str) -> str:
+    """Raw input as text PostgreSQL accepts: bad bytes escaped, NUL and surrogates escaped."""
+    if isinstance(raw, bytes):
+        value = raw[:RAW_TEXT_CAP].decode("utf-8", "backslashreplace")
+    else:
+        value = raw[:RAW_TEXT_CAP].encode("utf-8", "backslashreplace").decode("utf-8")
+    return value.replace("\x00", "\\x00")
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+class EventWriter:
+    """Stores events exactly once; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.engine = engine
+        self.retry = retry or RetryPolicy()
+        self.metrics = WriterMetrics()
+        self._sleep = sleep
+        self._clock = clock
+        self._project_ids: dict[str, int] = {}
+        self._agent_ids: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ public API
+    def write(self, event: Event) -> int | None:
+        """Validate and store one event; return its id, or None if already stored.
+
+        Raises InvalidEvent (after recording it in ``rejected_events``) for an unknown type or
+        an invalid payload, WriteFailed when the database stayed unreachable.
+        """
+        try:
+            event.payload = validate_payload(event.event_type, event.payload)
+        except InvalidEvent as exc:
+            self._record_invalid(event, exc)
+            raise
+        ids: list[int | None] = []
+
+        def attempt(conn: Connection) -> WriteResult:
+            ids.clear()
+            result = WriteResult()
+            self._insert_careful(conn, [event], result, ids)
+            return result
+
+        self._with_retries(attempt, [event], lambda: False)
+        return ids[0] if ids else None
+
+    def write_batch(
+        self, batch: Batch, *, should_abort: Callable[[], bool] = lambda: False
+    ) -> WriteResult:
+        """Store a batch and advance its checkpoints atomically (see module docstring)."""
+        valid: list[Event] = []
+        invalid: list[Rejection] = []
+        for event in batch.events:
+            try:
+                event.payload = validate_payload(event.event_type, event.payload)
+                valid.append(event)
+            except InvalidEvent as exc:
+                invalid.append(self._invalid_rejection(event, exc))
+        staged = Batch(valid, batch.rejections + invalid, batch.advances, batch.sessions)
+        return self._with_retries(lambda conn: self._store(conn, staged), valid, should_abort)
+
+    def ping(self) -> bool:
+        """True when the database answers a trivial query now."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    # ------------------------------------------------------------------ retries
+    def _with_retries(
+        self,
+        attempt: Callable[[Connection], WriteResult],
+        evts: list[Event],
+        should_abort: Callable[[], bool],
+    ) -> WriteResult:
+        delays = self.retry.delays()
+        while True:
+            try:
+                self._resolve_ids(evts)
+                with self.engine.begin() as conn:
+                    result = attempt(conn)
+                self._account(result)
+                return result
+            except CheckpointConflict:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.metrics.last_error = _describe(exc)
+                delay = next(delays, None)
+                if delay is None or should_abort():
+                    self.metrics.failed_writes += 1
+                    log.error(
+                        "write failed after retries",
+                        extra={"error": self.metrics.last_error, "events": len(evts)},
+                    )
+                    if delay is not None:
+                        raise WriteAborted(self.metrics.last_error) from exc
+                    raise WriteFailed(self.metrics.last_error) from exc
+                log.warning(
+                    "transient write failure, retrying",
+                    extra={"error": self.metrics.last_error, "delay_s": round(delay, 3)},
+                )
+                self._sleep(delay)
+
+    def _account(self, result: WriteResult) -> None:
+        self.metrics.events_written += result.written
+        self.metrics.rejected += result.rejected
+        self.metrics.duplicates += result.duplicates
+        self.metrics.last_write_at = self._clock()
+        self.metrics.last_error = None
+
+    # ------------------------------------------------------------------ the transaction
+    def _store(self, conn: Connection, batch: Batch) -> WriteResult:
+        self._check_guard(conn, batch.advances)
+        result = WriteResult()
+        if batch.events:
+            try:
+                with conn.begin_nested():
+                    self._copy_events(conn, batch.events)
+                result.written = len(batch.events)
+            except (sa_exc.DBAPIError, psycopg.Error) as exc:
+                if is_transient(exc):
+                    raise
+                log.warning(
+                    "bulk insert refused, storing row by row",
+                    extra={"error": _describe(exc), "events": len(batch.events)},
+                )
+                result = WriteResult()
+                self._insert_careful(conn, batch.events, result, [])
+        if batch.rejections:
+            result.rejected += self._insert_rejections(conn, batch.rejections)
+        self._apply_sessions(conn, batch.sessions)
+        self._advance(conn, batch.advances)
+        return result
+
+    def _check_guard(self, conn: Connection, advances: list[SourceAdvance]) -> None:
+        if not advances:
+            return
+        wanted = {a.source_id: a for a in advances}
+        rows = conn.execute(
+            select(sources.c.id, sources.c.generation, sources.c.committed_offset)
+            .where(sources.c.id.in_(sorted(wanted)))
+            .order_by(sources.c.id)
+            .with_for_update()
+        ).all()
+        found = {r.id: r for r in rows}
+        for sid, adv in wanted.items():
+            row = found.get(sid)
+            if row is None or (row.generation, row.committed_offset) != (
+                adv.generation,
+                adv.start_offset,
+            ):
+                stored = None if row is None else (row.generation, row.committed_offset)
+                raise CheckpointConflict(
+                    f"source {sid}: expected generation/offset "
+                    f"{(adv.generation, adv.start_offset)}, database has {stored}"
+                )
+
+    def _copy_events(self, conn: Connection, evts: list[Event]) -> None:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        with raw.cursor() as cur, cur.copy(_COPY_SQL) as copy:
+            for e in evts:
+                copy.write_row(self._row_tuple(e))
+
+    def _row_tuple(self, e: Event) -> tuple[Any, ...]:
+        p = e.position
+        return (
+            e.timestamp,
+            e.event_type,
+            _dumps(e.payload),
+            e.project_id,
+            e.agent_id,
+            e.task_id,
+            e.turn_id,
+            p.source_id if p else None,
+            p.generation if p else None,
+            p.offset if p else None,
+            p.seq if p else None,
+        )
+
+    def _insert_careful(
+        self, conn: Connection, evts: Iterable[Event], result: WriteResult, ids: list[int | None]
+    ) -> None:
+        """Row by row with savepoints: skip duplicates, divert poison events."""
+        poison: list[Rejection] = []
+        for e in evts:
+            values = dict(zip(_EVENT_COLUMNS, self._row_tuple(e), strict=True))
+            values["payload"] = e.payload
+            stmt = (
+                pg_insert(events)
+                .values(values)
+                .on_conflict_do_nothing(
+                    index_elements=["source_id", "source_generation", "source_offset", "source_seq"]
+                )
+                .returning(events.c.id)
+            )
+            try:
+                with conn.begin_nested():
+                    new_id = conn.execute(stmt).scalar()
+            except sa_exc.DBAPIError as exc:
+                if is_transient(exc):
+                    raise
+                poison.append(self._poison_rejection(e, exc))
+                ids.append(None)
+                continue
+            ids.append(new_id)
+            if new_id is None:
+                result.duplicates += 1
+                log.warning(
+                    "event already stored, skipped",
+                    extra={"event_type": e.event_type, "position": _position(e.position)},
+                )
+            else:
+                result.written += 1
+        if poison:
+            result.rejected += self._insert_rejections(conn, poison)
+
+    def _insert_rejections(self, conn: Connection, rejections: list[Rejection]) -> int:
+        rows = [self._rejection_row(r) for r in rejections]
+        stmt = (
+            pg_insert(rejected_events)
+            .on_conflict_do_nothing(
+                index_elements=["source_id", "source_generation", "byte_offset", "source_seq"]
+            )
+            .returning(rejected_events.c.id)
+        )
+        stored = conn.execute(stmt.values(rows)).all()
+        for r in rejections:
+            log.warning(
+                "rejected",
+                extra={"reason": r.reason, "source_path": r.source_path, "offset": r.offset},
+            )
+        return len(stored)
+
+    @staticmethod
+    def _rejection_row(r: Rejection) -> dict[str, Any]:
+        p = r.position
+        full = r.full_length if r.full_length is not None else len(r.raw)
+        return {
+            "source_path": r.source_path,
+            "byte_offset": r.offset if r.offset is not None else (p.offset if p else None),
+            "raw_text": storable_text(r.raw),
+            "raw_length": full,
+            "reason": storable_text(r.reason),
+            "event_type": r.event_type,
+            "details": json.loads(storable_text(_dumps(r.details))) if r.details else None,
+            "source_id": p.source_id if p else None,
+            "source_generation": p.generation if p else None,
+            "source_seq": p.seq if p else None,
+        }
+
+    def _apply_sessions(self, conn: Connection, changes: list[SessionChange]) -> None:
+        for ch in changes:
+            values = {
+                "session_uuid": ch.session_uuid,
+                "state": ch.state,
+                "epoch": ch.epoch,
+                "registered_at": ch.registered_at,
+                "last_activity_at": ch.last_activity_at,
+                "ended_at": ch.ended_at,
+                "end_reason": ch.end_reason,
+                "project_id": self._project_ids.get(ch.project_path or ""),
+                "agent_id": self._agent_ids.get(ch.session_uuid),
+            }
+            stmt = pg_insert(sessions).values(values)
+            update = {k: stmt.excluded[k] for k in values if k != "session_uuid"}
+            for key in ("project_id", "agent_id"):
+                update[key] = func.coalesce(stmt.excluded[key], sessions.c[key])
+            conn.execute(stmt.on_conflict_do_update(index_elements=["session_uuid"], set_=update))
+
+    def _advance(self, conn: Connection, advances: list[SourceAdvance]) -> None:
+        if not advances:
+            return
+        conn.execute(
+            sources.update()
+            .where(sources.c.id == bindparam("sid"))
+            .values(
+                committed_offset=bindparam("end"),
+                lines_committed=sources.c.lines_committed + bindparam("n"),
+                fingerprint=bindparam("fp"),
+                updated_at=text("now()"),
+            ),
+            [
+                {"sid": a.source_id, "end": a.end_offset, "n": a.lines, "fp": a.fingerprint}
+                for a in advances
+            ],
+        )
+
+    # ------------------------------------------------------------------ reference data
+    def _resolve_ids(self, evts: list[Event]) -> None:
+        """Upsert projects/agents first, in their own transaction (idempotent reference data)."""
+        paths = {e.project_path for e in evts if e.project_path} - self._project_ids.keys()
+        keys = {e.agent_key for e in evts if e.agent_key} - self._agent_ids.keys()
+        if paths or keys:
+            with self.engine.begin() as conn:
+                for path in sorted(paths):
+                    self._project_ids[path] = self._upsert_project(conn, path)
+                for key in sorted(keys):
+                    self._agent_ids[key] = self._upsert_agent(conn, key, evts)
+        for e in evts:
+            if e.project_id is None and e.project_path:
+                e.project_id = self._project_ids[e.project_path]
+            if e.agent_id is None and e.agent_key:
+                e.agent_id = self._agent_ids[e.agent_key]
+
+    @staticmethod
+    def _upsert_project(conn: Connection, path: str) -> int:
+        name = path.rstrip("/").rsplit("/", 1)[-1] or path
+        conn.execute(pg_insert(projects).values(path=path, name=name).on_conflict_do_nothing())
+        return conn.execute(select(projects.c.id).where(projects.c.path == path)).scalar_one()
+
+    def _upsert_agent(self, conn: Connection, key: str, evts: list[Event]) -> int:
+        project = next(
+            (e.project_path for e in evts if e.agent_key == key and e.project_path), None
+        )
+        conn.execute(
+            pg_insert(agents)
+            .values(session_uuid=key, project_id=self._project_ids.get(project or ""))
+            .on_conflict_do_nothing()
+        )
+        return conn.execute(select(agents.c.id).where(agents.c.session_uuid == key)).scalar_one()
+
+    # ------------------------------------------------------------------ rejections
+    def _invalid_rejection(self, event: Event, exc: InvalidEvent) -> Rejection:
+        return Rejection(
+            reason=f"invalid_payload: {exc}",
+            raw=_safe_dumps(event.payload),
+            offset=event.position.offset if event.position else None,
+            position=event.position,
+            event_type=event.event_type,
+            details={"field": exc.field} if exc.field else {},
+        )
+
+    def _poison_rejection(self, event: Event, exc: BaseException) -> Rejection:
+        log.error(
+            "event refused by the database",
+            extra={"event_type": event.event_type, "error": _describe(exc)},
+        )
+        return Rejection(
+            reason=f"database_refused: {_describe(exc)}",
+            raw=_safe_dumps(event.payload),
+            offset=event.position.offset if event.position else None,
+            position=event.position,
+            event_type=event.event_type,
+        )
+
+    def _record_invalid(self, event: Event, exc: InvalidEvent) -> None:
+        rejection = self._invalid_rejection(event, exc)
+        try:
+            with self.engine.begin() as conn:
+                self.metrics.rejected += self._insert_rejections(conn, [rejection])
+        except Exception as db_exc:  # the caller still gets the InvalidEvent
+            log.error("could not record rejected event", extra={"error": _describe(db_exc)})
+
+
+def _safe_dumps(payload: Any) -> str:
+    try:
+        return json.dumps(payload, ensure_ascii=False, default=repr)
+    except Exception:
+        return repr(payload)
+
+
+def _position(p: SourcePosition | None) -> str | None:
+    return None if p is None else f"{p.source_id}/{p.generation}/{p.offset}/{p.seq}"
+
+
+def _describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {first[0] if first else ''}"[:500]
