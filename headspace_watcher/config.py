@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,34 @@ DEFAULTS: dict[str, Any] = {
 
 
 class ConfigError(Exception):
-    """A configuration value is wrong; the message names key, value and expectation."""
+    """A configuration value is wrong; the message names key, value and expectation.
+
+    Any ``scheme://user:password@`` in the message is masked here, once for every raise
+    site: a misplaced URL can be echoed back as "the value got" or in a YAML error snippet.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_URL_PASSWORD.sub(r"\1***@", message))
+
+
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
+
+
+def _not_bool(value: Any) -> Any:
+    # YAML `true` is a Python bool, which is an int: without this `attempts: true` passes as 1.
+    if isinstance(value, bool):
+        raise Invalid("expected an integer, not a boolean")
+    return value
 
 
 def _int(lo: int, hi: int) -> Any:
-    return All(int, Range(min=lo, max=hi), msg=f"expected an integer from {lo} to {hi}")
+    return All(_not_bool, int, Range(min=lo, max=hi), msg=f"expected an integer from {lo} to {hi}")
 
 
-def _url(value: Any) -> str:
+def _url(value: Any) -> str | None:
+    # Handles None itself: wrapped in AnyOf(None, …) its message became "not a valid value".
+    if value is None:
+        return None
     if not isinstance(value, str):
         raise Invalid("expected a SQLAlchemy URL string such as postgresql+psycopg://user@host/db")
     try:
@@ -72,7 +93,7 @@ _STR = All(str, Length(min=1), msg="expected a non-empty string")
 SCHEMA = Schema(
     {
         Required("database"): {
-            "url": AnyOf(None, _url),
+            "url": _url,
             "connect_timeout_seconds": _int(1, 300),
             "embedded_port": _int(1024, 65535),
         },
@@ -92,7 +113,7 @@ SCHEMA = Schema(
             "shutdown_timeout_seconds": _int(1, 300),
         },
         Required("health"): {
-            "state_dir": AnyOf(None, _STR),
+            "state_dir": AnyOf(None, _STR, msg="expected null or a non-empty string"),
             "heartbeat_interval_seconds": _int(1, 3600),
         },
         Required("logging"): {

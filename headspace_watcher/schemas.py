@@ -50,10 +50,17 @@ def iso8601(value: Any) -> str:
 _TEXT = All(str, Length(min=1), msg="expected a non-empty string")
 _STR = All(str, msg="expected a string")
 _BOOL = All(bool, msg="expected true or false")
-_INT = All(int, Range(min=0), msg="expected a non-negative integer")
-_NON_BOOL_INT = All(
-    lambda v: v if not isinstance(v, bool) else None, int, msg="expected an integer"
-)
+
+
+def _not_bool(value: Any) -> Any:
+    """JSON ``true`` is a Python bool, which is an int: refuse it where a count is expected."""
+    if isinstance(value, bool):
+        raise Invalid("expected an integer, not a boolean")
+    return value
+
+
+_INT = All(_not_bool, int, Range(min=0), msg="expected a non-negative integer")
+_NON_BOOL_INT = All(_not_bool, int, msg="expected an integer")
 
 EVENT_SCHEMAS: dict[str, Schema] = {
     "session_registered": Schema(
@@ -61,7 +68,7 @@ EVENT_SCHEMAS: dict[str, Schema] = {
             Required("session_uuid"): _TEXT,
             Required("project_path"): _TEXT,
             Required("working_directory"): _TEXT,
-            Optional("iterm_pane_id"): AnyOf(None, _STR),
+            Optional("iterm_pane_id"): AnyOf(None, _STR, msg="expected a string or null"),
             Optional("source"): In(["transcript", "cli", "api"]),
         }
     ),
@@ -124,7 +131,7 @@ def validate_payload(event_type: str, payload: Any) -> dict[str, Any]:
     if schema is None:
         raise InvalidEvent(
             event_type,
-            f"unknown event type {event_type!r}; expected one of {sorted(EVENT_TYPES)}",
+            f"unknown event type {event_type!r}; expected one of {sorted(EVENT_SCHEMAS)}",
         )
     if not isinstance(payload, dict):
         raise InvalidEvent(event_type, f"{event_type}: payload must be a mapping")

@@ -33,6 +33,7 @@ from headspace_watcher.db import agents, events, projects, rejected_events, sess
 from headspace_watcher.events import Event, Rejection, SourcePosition
 from headspace_watcher.retry import RetryPolicy, is_transient
 from headspace_watcher.schemas import InvalidEvent, validate_payload
+from headspace_watcher.sessions import SessionChange
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ _EVENT_COLUMNS = (
     "source_offset",
     "source_seq",
 )
+_LIFECYCLE = {"session_registered": "register", "session_ended": "end"}
 _COPY_SQL = f"COPY events ({', '.join(_EVENT_COLUMNS)}) FROM STDIN"
 
 
@@ -78,20 +80,6 @@ class SourceAdvance:
 
 
 @dataclass(slots=True)
-class SessionChange:
-    """The lifecycle row of a session as it must be after this batch."""
-
-    session_uuid: str
-    state: str
-    epoch: int
-    registered_at: datetime
-    last_activity_at: datetime
-    project_path: str | None = None
-    ended_at: datetime | None = None
-    end_reason: str | None = None
-
-
-@dataclass(slots=True)
 class Batch:
     events: list[Event] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
@@ -107,6 +95,8 @@ class WriteResult:
     written: int = 0
     rejected: int = 0
     duplicates: int = 0
+    # lifecycle decisions whose guard lost (someone else registered/ended first): (kind, uuid)
+    lost: set[tuple[str, str]] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -260,23 +250,29 @@ class EventWriter:
     def _store(self, conn: Connection, batch: Batch) -> WriteResult:
         self._check_guard(conn, batch.advances)
         result = WriteResult()
-        if batch.events:
+        result.lost = self._apply_sessions(conn, batch.sessions)
+        evts = batch.events
+        if result.lost:
+            evts = [
+                e
+                for e in evts
+                if (_LIFECYCLE.get(e.event_type), e.payload.get("session_uuid")) not in result.lost
+            ]
+        if evts:
             try:
                 with conn.begin_nested():
-                    self._copy_events(conn, batch.events)
-                result.written = len(batch.events)
+                    self._copy_events(conn, evts)
+                result.written = len(evts)
             except (sa_exc.DBAPIError, psycopg.Error) as exc:
                 if is_transient(exc):
                     raise
                 log.warning(
                     "bulk insert refused, storing row by row",
-                    extra={"error": _describe(exc), "events": len(batch.events)},
+                    extra={"error": _describe(exc), "events": len(evts)},
                 )
-                result = WriteResult()
-                self._insert_careful(conn, batch.events, result, [])
+                self._insert_careful(conn, evts, result, [])
         if batch.rejections:
             result.rejected += self._insert_rejections(conn, batch.rejections)
-        self._apply_sessions(conn, batch.sessions)
         self._advance(conn, batch.advances)
         return result
 
@@ -397,24 +393,53 @@ class EventWriter:
             "source_seq": p.seq if p else None,
         }
 
-    def _apply_sessions(self, conn: Connection, changes: list[SessionChange]) -> None:
+    def _apply_sessions(
+        self, conn: Connection, changes: list[SessionChange]
+    ) -> set[tuple[str, str]]:
+        """Apply lifecycle changes under their guards; return the (kind, uuid) that lost."""
+        lost: set[tuple[str, str]] = set()
         for ch in changes:
+            i = ch.info
             values = {
-                "session_uuid": ch.session_uuid,
-                "state": ch.state,
-                "epoch": ch.epoch,
-                "registered_at": ch.registered_at,
-                "last_activity_at": ch.last_activity_at,
+                "session_uuid": i.session_uuid,
+                "state": i.state,
+                "epoch": i.epoch,
+                "registered_at": i.registered_at,
+                "last_activity_at": i.last_activity_at,
+                "project_path": i.project_path,
+                "project_id": self._project_ids.get(i.project_path or ""),
+                "agent_id": self._agent_ids.get(i.session_uuid),
                 "ended_at": ch.ended_at,
                 "end_reason": ch.end_reason,
-                "project_id": self._project_ids.get(ch.project_path or ""),
-                "agent_id": self._agent_ids.get(ch.session_uuid),
             }
-            stmt = pg_insert(sessions).values(values)
-            update = {k: stmt.excluded[k] for k in values if k != "session_uuid"}
-            for key in ("project_id", "agent_id"):
-                update[key] = func.coalesce(stmt.excluded[key], sessions.c[key])
-            conn.execute(stmt.on_conflict_do_update(index_elements=["session_uuid"], set_=update))
+            if ch.kind == "activity":
+                stmt = (
+                    sessions.update()
+                    .where(sessions.c.session_uuid == i.session_uuid)
+                    .values(
+                        last_activity_at=func.greatest(
+                            sessions.c.last_activity_at, i.last_activity_at
+                        )
+                    )
+                )
+                conn.execute(stmt)
+                continue
+            ins = pg_insert(sessions).values(values)
+            keep = {k: ins.excluded[k] for k in values if k != "session_uuid"}
+            for key in ("project_id", "agent_id", "project_path"):
+                keep[key] = func.coalesce(ins.excluded[key], sessions.c[key])
+            want_state = "ended" if ch.kind == "register" else "active"
+            stmt = ins.on_conflict_do_update(
+                index_elements=["session_uuid"],
+                set_=keep,
+                where=(sessions.c.state == want_state) & (sessions.c.epoch == ch.expected_epoch),
+            ).returning(sessions.c.epoch)
+            if ch.kind == "end" and ch.expected_epoch == 0:
+                lost.add((ch.kind, i.session_uuid))
+                continue
+            if conn.execute(stmt).first() is None:
+                lost.add((ch.kind, i.session_uuid))
+        return lost
 
     def _advance(self, conn: Connection, advances: list[SourceAdvance]) -> None:
         if not advances:

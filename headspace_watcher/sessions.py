@@ -1,0 +1,174 @@
+"""Session lifecycle: when a session starts being seen, and when it has gone quiet.
+
+The tracker only decides; the writer applies each decision under a guard in the database
+(``sessions`` row state/epoch), so a CLI ``register``/``unregister`` racing the service can
+never produce a second ``session_registered`` or ``session_ended`` for the same epoch.
+Decisions are staged and become the tracker's state only once their batch has committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, select
+
+from headspace_watcher.db import sessions
+from headspace_watcher.events import Event, SourcePosition
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_uuid: str
+    state: str  # active | ended
+    epoch: int
+    registered_at: datetime
+    last_activity_at: datetime
+    project_path: str | None = None
+    monitored: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChange:
+    """A lifecycle decision for the writer.
+
+    kind ``register``: applies only if the row is absent or ended with ``expected_epoch``;
+    kind ``activity``: moves ``last_activity_at`` forward; kind ``end``: applies only if the
+    row is active with ``expected_epoch``. A change whose guard fails drops its event.
+    """
+
+    kind: str
+    info: SessionInfo
+    expected_epoch: int
+    end_reason: str | None = None
+    ended_at: datetime | None = None
+
+
+class SessionTracker:
+    def __init__(self, inactivity_timeout: float) -> None:
+        self.timeout = timedelta(seconds=inactivity_timeout)
+        self._known: dict[str, SessionInfo] = {}
+        self._staged: dict[str, SessionInfo] = {}
+        self._next: datetime | None = None
+
+    # ---------------------------------------------------------------- state
+    def load(self, engine: Engine) -> None:
+        """Adopt the durable state, so a restart neither re-registers nor forgets timers."""
+        with engine.connect() as conn:
+            rows = conn.execute(select(sessions)).all()
+        self._known = {
+            r.session_uuid: SessionInfo(
+                r.session_uuid,
+                r.state,
+                r.epoch,
+                r.registered_at,
+                r.last_activity_at,
+                r.project_path,
+                r.monitored,
+            )
+            for r in rows
+        }
+        self._refresh_next()
+
+    def get(self, session_uuid: str) -> SessionInfo | None:
+        return self._staged.get(session_uuid) or self._known.get(session_uuid)
+
+    def monitored(self) -> set[str]:
+        return {k for k, v in self._known.items() if v.monitored}
+
+    @property
+    def active_count(self) -> int:
+        return sum(1 for i in self._known.values() if i.state == "active")
+
+    def commit(self) -> None:
+        if self._staged:
+            self._known.update(self._staged)
+            self._staged.clear()
+            self._refresh_next()
+
+    def rollback(self) -> None:
+        self._staged.clear()
+
+    def forget(self, session_uuid: str) -> None:
+        """Drop the cached view (e.g. after a guard failed) so the next load is authoritative."""
+        self._known.pop(session_uuid, None)
+        self._refresh_next()
+
+    def _refresh_next(self) -> None:
+        self._next = min(
+            (i.last_activity_at for i in self._known.values() if i.state == "active"),
+            default=None,
+        )
+
+    # ---------------------------------------------------------------- decisions
+    def observe(
+        self,
+        session_uuid: str,
+        at: datetime,
+        project_path: str | None,
+        working_directory: str | None,
+        position: SourcePosition | None,
+    ) -> tuple[Event | None, SessionChange]:
+        """A line of ``session_uuid`` was seen at ``at``: maybe a (re-)registration."""
+        current = self.get(session_uuid)
+        if current is not None and current.state == "active":
+            info = replace(current, last_activity_at=max(current.last_activity_at, at))
+            if project_path and not info.project_path:
+                info = replace(info, project_path=project_path)
+            self._staged[session_uuid] = info
+            return None, SessionChange("activity", info, current.epoch)
+        epoch = current.epoch + 1 if current else 1
+        info = SessionInfo(
+            session_uuid,
+            "active",
+            epoch,
+            at,
+            at,
+            project_path,
+            current.monitored if current else False,
+        )
+        self._staged[session_uuid] = info
+        path = project_path or working_directory or "unknown"
+        event = Event(
+            "session_registered",
+            {
+                "session_uuid": session_uuid,
+                "project_path": path,
+                "working_directory": working_directory or path,
+                "source": "transcript",
+            },
+            at,
+            project_path=project_path,
+            agent_key=session_uuid,
+            position=position,
+        )
+        return event, SessionChange("register", info, epoch - 1)
+
+    def end(self, session_uuid: str, reason: str, at: datetime) -> tuple[Event, SessionChange]:
+        current = self.get(session_uuid)
+        assert current is not None and current.state == "active"
+        info = replace(current, state="ended")
+        self._staged[session_uuid] = info
+        duration = max(0, int((at - current.registered_at).total_seconds()))
+        event = Event(
+            "session_ended",
+            {"session_uuid": session_uuid, "reason": reason, "duration_seconds": duration},
+            at,
+            project_path=current.project_path,
+            agent_key=session_uuid,
+        )
+        return event, SessionChange("end", info, current.epoch, reason, at)
+
+    def due(self, now: datetime) -> list[tuple[str, datetime]]:
+        """Sessions whose inactivity deadline has passed, with the instant it passed."""
+        if self._next is None or self._next + self.timeout > now:
+            return []
+        return sorted(
+            (i.session_uuid, i.last_activity_at + self.timeout)
+            for i in self._known.values()
+            if i.state == "active" and i.last_activity_at + self.timeout <= now
+        )
+
+    def next_deadline(self) -> datetime | None:
+        """When the next session times out: the service sleeps in inotify until then."""
+        return None if self._next is None else self._next + self.timeout

@@ -1,0 +1,367 @@
+"""Watching the transcript tree with inotify, and reading complete lines past a checkpoint.
+
+One inotify descriptor watches the projects root and the folders below it that can hold
+transcripts (``<project>/``, ``<project>/<uuid>/``, ``<project>/<uuid>/subagents/``). File
+writes are reported on their folder's watch, so there is no watch per file. The watcher
+only says *which* files may have changed; what to read is decided by comparing the file
+with its committed checkpoint, so a lost or coalesced event can never lose a line — at
+worst a rescan reads nothing new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from inotify_simple import INotify
+from inotify_simple import flags as F
+
+from headspace_watcher.checkpoints import FINGERPRINT_SPAN, tail_fingerprint
+
+log = logging.getLogger(__name__)
+
+DIR_MASK = (
+    F.CREATE
+    | F.MODIFY
+    | F.CLOSE_WRITE
+    | F.MOVED_TO
+    | F.MOVED_FROM
+    | F.DELETE
+    | F.DELETE_SELF
+    | F.MOVE_SELF
+    | F.ATTRIB
+    | F.ONLYDIR
+)
+ANCESTOR_MASK = F.CREATE | F.MOVED_TO | F.DELETE_SELF | F.MOVE_SELF | F.ONLYDIR
+MAX_DIR_DEPTH = 3  # root=0, project=1, <uuid>=2, subagents=3
+REJECT_HEAD_BYTES = 64 * 1024
+
+
+def is_transcript(root: Path, path: Path) -> bool:
+    """``<project>/*.jsonl`` or ``<project>/<uuid>/subagents/*.jsonl`` under ``root``."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        return False
+    if not parts or not parts[-1].endswith(".jsonl"):
+        return False
+    return len(parts) == 2 or (len(parts) == 4 and parts[2] == "subagents")
+
+
+@dataclass(slots=True)
+class WatchChanges:
+    dirty: set[str] = field(default_factory=set)
+    deleted: set[str] = field(default_factory=set)
+    rescan: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.dirty or self.deleted or self.rescan)
+
+
+class TreeWatcher:
+    """Discovery of transcript files; see the module docstring."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+        self._inotify = INotify()
+        self._dirs: dict[int, Path] = {}  # wd -> folder inside the tree
+        self._ancestor: tuple[int, Path] | None = None  # waiting for the root to appear
+        self.watch_limit_reached = False
+        self.root_present = False
+
+    def fileno(self) -> int:
+        return self._inotify.fileno()
+
+    def close(self) -> None:
+        self._inotify.close()
+
+    @property
+    def watch_count(self) -> int:
+        return len(self._dirs)
+
+    # ------------------------------------------------------------------ set-up
+    def start(self) -> list[str]:
+        """Watch the tree (or the nearest existing ancestor) and return the files present."""
+        if not self.root.is_dir():
+            self._wait_for_root()
+            return []
+        self.root_present = True
+        self._drop_ancestor()
+        return self._add_tree(self.root, 0)
+
+    def rescan(self) -> list[str]:
+        """Every transcript file present now; also re-adds watches (after overflow)."""
+        return self.start()
+
+    def _wait_for_root(self) -> None:
+        self.root_present = False
+        probe = self.root.parent
+        while not probe.is_dir() and probe != probe.parent:
+            probe = probe.parent
+        if self._ancestor and self._ancestor[1] == probe:
+            return
+        self._drop_ancestor()
+        try:
+            wd = self._inotify.add_watch(probe, ANCESTOR_MASK)
+        except OSError as exc:
+            log.warning("cannot watch %s for the projects path: %s", probe, exc.strerror)
+            return
+        self._ancestor = (wd, probe)
+        log.info("projects path does not exist yet; waiting", extra={"path": str(self.root)})
+        if self.root.is_dir():  # appeared between the check and the watch
+            self.start()
+
+    def _drop_ancestor(self) -> None:
+        if self._ancestor is not None:
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(self._ancestor[0])
+            self._ancestor = None
+
+    def _add_tree(self, folder: Path, depth: int) -> list[str]:
+        found: list[str] = []
+        if not self._watch(folder):
+            return found
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            log.warning("cannot list folder", extra={"path": str(folder), "error": exc.strerror})
+            return found
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir and depth < MAX_DIR_DEPTH and self._wanted_dir(path):
+                found.extend(self._add_tree(path, depth + 1))
+            elif not is_dir and is_transcript(self.root, path):
+                found.append(str(path))
+        return found
+
+    def _wanted_dir(self, path: Path) -> bool:
+        parts = path.relative_to(self.root).parts
+        return len(parts) < 3 or parts[2] == "subagents"
+
+    def _watch(self, folder: Path) -> bool:
+        try:
+            wd = self._inotify.add_watch(folder, DIR_MASK)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                if not self.watch_limit_reached:
+                    log.warning(
+                        "inotify watch limit reached (fs.inotify.max_user_watches); "
+                        "falling back to periodic rescans",
+                        extra={"path": str(folder)},
+                    )
+                self.watch_limit_reached = True
+            elif exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                log.warning("cannot watch folder", extra={"path": str(folder), "error": str(exc)})
+            return False
+        self._dirs[wd] = folder
+        return True
+
+    # ------------------------------------------------------------------ events
+    def read(self, timeout_ms: int | None = 0) -> WatchChanges:
+        """Drain pending inotify events into a set of changes (non-blocking by default)."""
+        changes = WatchChanges()
+        for ev in self._inotify.read(timeout=timeout_ms):
+            self._apply(ev, changes)
+        return changes
+
+    def _apply(self, ev: object, changes: WatchChanges) -> None:
+        wd, mask, name = ev.wd, ev.mask, ev.name  # type: ignore[attr-defined]
+        if mask & F.Q_OVERFLOW:
+            log.warning("inotify queue overflow; rescanning the tree")
+            changes.rescan = True
+            return
+        if self._ancestor and wd == self._ancestor[0]:
+            if mask & (F.DELETE_SELF | F.MOVE_SELF | F.IGNORED):
+                self._ancestor = None
+            self._wait_or_start(changes)
+            return
+        folder = self._dirs.get(wd)
+        if folder is None:
+            return
+        if mask & (F.DELETE_SELF | F.MOVE_SELF | F.IGNORED):
+            self._forget(wd, folder, changes)
+            return
+        if not name:
+            return
+        path = folder / name
+        if mask & F.ISDIR:
+            if mask & (F.CREATE | F.MOVED_TO):
+                depth = len(path.relative_to(self.root).parts)
+                if depth <= MAX_DIR_DEPTH and self._wanted_dir(path):
+                    changes.dirty.update(self._add_tree(path, depth))
+            return
+        if not is_transcript(self.root, path):
+            return
+        if mask & (F.DELETE | F.MOVED_FROM):
+            changes.deleted.add(str(path))
+            changes.dirty.discard(str(path))
+        else:
+            changes.dirty.add(str(path))
+            changes.deleted.discard(str(path))
+
+    def _wait_or_start(self, changes: WatchChanges) -> None:
+        if self.root.is_dir():
+            changes.dirty.update(self.start())
+        else:
+            self._wait_for_root()
+
+    def _forget(self, wd: int, folder: Path, changes: WatchChanges) -> None:
+        self._dirs.pop(wd, None)
+        if folder == self.root:
+            log.warning("projects path removed; waiting for it to reappear")
+            for other in list(self._dirs):
+                self._dirs.pop(other, None)
+            changes.rescan = True
+            self._wait_for_root()
+
+
+# ---------------------------------------------------------------------- reading
+
+
+@dataclass(slots=True)
+class Oversized:
+    offset: int
+    length: int  # without the newline
+    head: bytes
+
+
+@dataclass(slots=True)
+class ReadResult:
+    """Complete lines read from ``start`` up to ``end_offset`` (exclusive)."""
+
+    start: int
+    end_offset: int
+    lines: list[tuple[int, bytes]]
+    oversized: list[Oversized]
+    size: int
+    fingerprint: bytes | None
+    more: bool  # stopped on a limit; more complete lines may follow
+
+    @property
+    def count(self) -> int:
+        return len(self.lines) + len(self.oversized)
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    inode: int
+    device: int
+    size: int
+
+
+class FileReplaced(Exception):
+    """The path now holds another file, or a shorter one, than the checkpoint describes."""
+
+    def __init__(self, identity: FileIdentity) -> None:
+        super().__init__("file replaced or truncated")
+        self.identity = identity
+
+
+def identity(path: str) -> FileIdentity:
+    st = os.stat(path)
+    return FileIdentity(st.st_ino, st.st_dev, st.st_size)
+
+
+def content_matches(path: str, offset: int, fingerprint: bytes | None) -> bool:
+    """Does the file still hold the bytes that precede ``offset`` (as fingerprinted)?"""
+    if offset == 0:
+        return True
+    if fingerprint is None:
+        return False
+    span = min(offset, FINGERPRINT_SPAN)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset - span)
+            data = f.read(span)
+    except OSError:
+        return False
+    return len(data) == span and tail_fingerprint(data) == fingerprint
+
+
+def read_lines(
+    path: str,
+    start: int,
+    inode: int,
+    *,
+    max_lines: int,
+    max_bytes: int,
+    max_line: int,
+    chunk: int,
+) -> ReadResult:
+    """Read complete lines from ``start``; a trailing line without ``\\n`` is left alone.
+
+    Raises FileReplaced when the inode differs or the file is shorter than ``start``, and
+    OSError when the file cannot be opened (the caller records and retries later).
+    """
+    with open(path, "rb", buffering=chunk) as f:
+        st = os.fstat(f.fileno())
+        if st.st_ino != inode or st.st_size < start:
+            raise FileReplaced(FileIdentity(st.st_ino, st.st_dev, st.st_size))
+        f.seek(start)
+        lines: list[tuple[int, bytes]] = []
+        oversized: list[Oversized] = []
+        pos = start
+        more = False
+        for offset, data, length in _complete_lines(f, start, max_line, chunk):
+            if length > max_line:
+                oversized.append(Oversized(offset, length, data))
+            else:
+                lines.append((offset, data))
+            pos = offset + length + 1
+            if len(lines) + len(oversized) >= max_lines or pos - start >= max_bytes:
+                more = True
+                break
+        fingerprint = None
+        if pos > 0:
+            span = min(pos, FINGERPRINT_SPAN)
+            f.seek(pos - span)
+            fingerprint = tail_fingerprint(f.read(span))
+    return ReadResult(start, pos, lines, oversized, st.st_size, fingerprint, more)
+
+
+def _complete_lines(
+    f: BinaryIO, start: int, max_line: int, chunk: int
+) -> Iterator[tuple[int, bytes, int]]:
+    """Yield (offset, line, length) per complete line, stopping at a partial one.
+
+    A line longer than ``max_line`` is yielded as its first REJECT_HEAD_BYTES only, and is
+    never held whole: past the limit its pieces are counted, not kept.
+    """
+    readline = f.readline
+    offset = start
+    while True:
+        piece = readline(chunk)
+        if piece.endswith(b"\n"):
+            yield offset, piece[:-1], len(piece) - 1
+            offset += len(piece)
+            continue
+        if len(piece) < chunk:
+            return  # EOF: nothing, or a partial line still being written
+        parts = [piece]
+        total = len(piece)
+        head: bytes | None = None
+        while not piece.endswith(b"\n"):
+            piece = readline(chunk)
+            if len(piece) < chunk and not piece.endswith(b"\n"):
+                return  # the long line is not complete yet
+            total += len(piece)
+            if head is None:
+                parts.append(piece)
+                if total > max_line + 1:
+                    head = b"".join(parts)[:REJECT_HEAD_BYTES]
+                    parts = []
+        if head is None:
+            yield offset, b"".join(parts)[:-1], total - 1
+        else:
+            yield offset, head, total - 1
+        offset += total
