@@ -149,6 +149,9 @@ def status(config: Config, *, check_database: bool = True) -> dict[str, Any]:
         with contextlib.suppress(OSError, ValueError):
             report.update(json.loads(status_path(config.state_dir).read_text()))
         report["pid"] = pid
+        if report.get("started_at"):
+            started = datetime.fromisoformat(report["started_at"])
+            report["uptime_seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     if check_database:
         try:
             url = config.resolved_database_url()

@@ -138,6 +138,7 @@ class Service:
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_beat = 0.0
         self._next_rescan = 0.0
+        self._next_status = 0.0
 
     # ================================================================== lifecycle
     def run(self, once: bool = False) -> int:
@@ -357,6 +358,13 @@ class Service:
             except Exception as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc).splitlines()[0][:200]})
 
+    def _maybe_status(self) -> None:
+        """Keep status.json fresh after writes without paying for it on every commit."""
+        now = self.monotonic()
+        if now >= self._next_status:
+            self._next_status = now + 1.0
+            self._write_status()
+
     def _maybe_rescan(self, now: float) -> None:
         if self.watcher.watch_limit_reached and now >= self._next_rescan:
             self._next_rescan = now + RESCAN_INTERVAL_S
@@ -446,6 +454,7 @@ class Service:
             self._db_failed(exc)
             return False
         self._committed(pending, result.lost)
+        self._maybe_status()
         return True
 
     def _build_batch(self) -> tuple[Batch, _Pending]:
@@ -516,7 +525,7 @@ class Service:
                 continue
             seq = 0
             if out.session_uuid and (out.kind == "turn" or out.timestamp is not None):
-                at = out.timestamp or now
+                at = min(out.timestamp, now) if out.timestamp else now
                 reg, change = self.tracker.observe(
                     out.session_uuid, at, out.project_path, out.project_path, pos
                 )
