@@ -139,6 +139,7 @@ class Service:
         self._next_beat = 0.0
         self._next_rescan = 0.0
         self._next_status = 0.0
+        self._deleted: list[str] = []
 
     # ================================================================== lifecycle
     def run(self, once: bool = False) -> int:
@@ -379,6 +380,12 @@ class Service:
         for path in self.files:
             self.dirty[path] = None
 
+    def _flush_deleted(self) -> None:
+        """Deletions seen while building a batch are acted on once it is out of the way."""
+        deleted, self._deleted = self._deleted, []
+        for path in deleted:
+            self._file_deleted(path)
+
     def _file_deleted(self, path: str) -> None:
         self.dirty.pop(path, None)
         tf = self.files.pop(path, None)
@@ -434,7 +441,18 @@ class Service:
     # ================================================================== ingest
     def _step(self) -> bool:
         """Build one bounded batch from dirty files and write it. False if the DB failed."""
-        batch, pending = self._build_batch()
+        try:
+            return self._build_and_write()
+        finally:
+            self._flush_deleted()
+
+    def _build_and_write(self) -> bool:
+        try:
+            batch, pending = self._build_batch()
+        except Exception as exc:  # database errors while registering sources
+            self.tracker.rollback()
+            self._db_failed(exc)
+            return False
         if not batch:
             return True
         try:
@@ -444,13 +462,10 @@ class Service:
             self._rollback(pending)
             self._reload_checkpoints(pending)
             return True
-        except (WriteFailed, WriteAborted) as exc:
-            self._rollback(pending)
-            self._db_failed(exc)
-            return False
         except Exception as exc:
             self._rollback(pending)
-            log.exception("unexpected write error; will retry")
+            if not isinstance(exc, WriteFailed | WriteAborted):
+                log.exception("unexpected write error; will retry")
             self._db_failed(exc)
             return False
         self._committed(pending, result.lost)
@@ -473,7 +488,8 @@ class Service:
                     continue
                 res = self._read(tf, pending)
             except FileNotFoundError:
-                self._file_deleted(path)
+                self.dirty.pop(path, None)
+                self._deleted.append(path)
                 continue
             except OSError as exc:
                 self._unreadable(path, exc, batch)

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,8 +304,11 @@ def read_lines(
     Raises FileReplaced when the inode differs or the file is shorter than ``start``, and
     OSError when the file cannot be opened (the caller records and retries later).
     """
-    with open(path, "rb", buffering=chunk) as f:
-        st = os.fstat(f.fileno())
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=chunk) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
         if st.st_ino != inode or st.st_size < start:
             raise FileReplaced(FileIdentity(st.st_ino, st.st_dev, st.st_size))
         f.seek(start)
