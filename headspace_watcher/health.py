@@ -43,9 +43,9 @@ def watcher_id(config: Config) -> str:
     return f"{socket.gethostname()}:{config.projects_path}"
 
 
-def write_pid(state_dir: Path) -> None:
+def write_pid(state_dir: Path, pid: int | None = None) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(pid_path(state_dir), f"{os.getpid()}\n")
+    _atomic_write(pid_path(state_dir), f"{pid or os.getpid()}\n")
 
 
 def remove_pid(state_dir: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ class Service:
         self.db_retry_at = 0.0
         self.last_error: str | None = None
         self.stopping = False
+        self._refused = False  # another watcher holds the lock: leave its pid/status files
         self._lock_conn: Connection | None = None
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_beat = 0.0
@@ -144,6 +146,7 @@ class Service:
     # ================================================================== lifecycle
     def run(self, once: bool = False) -> int:
         self._install_signals()
+        previous_pid = health.read_pid(self.config.state_dir)
         health.write_pid(self.config.state_dir)
         try:
             self._log_ready()
@@ -155,12 +158,15 @@ class Service:
             return EXIT_OK
         except _AnotherWatcher as exc:
             log.error("refusing to start: %s", exc)
+            self._refused = True
             return EXIT_LOCKED
         except ShutdownDeadline:
             log.warning("shutdown deadline reached; uncommitted batch rolled back (will re-read)")
             return EXIT_OK
         finally:
             self._close()
+            if self._refused and previous_pid and health.read_pid(self.config.state_dir) is None:
+                health.write_pid(self.config.state_dir, previous_pid)  # the running one's
 
     def _log_ready(self) -> None:
         log.info(
@@ -175,9 +181,12 @@ class Service:
 
     def _close(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
         self.state = "stopped"
-        with contextlib.suppress(Exception):
-            self._write_status()
+        if not self._refused:
+            with contextlib.suppress(Exception):
+                self._write_status()
         if self._lock_conn is not None:
             with contextlib.suppress(Exception):
                 self._lock_conn.close()
@@ -351,6 +360,7 @@ class Service:
         if self.config.file_watcher["mode"] == "registered" and self.db_ready:
             with contextlib.suppress(Exception):
                 self.tracker.load(self.engine)
+                self._drop_unmonitored()
                 self._discover(list(self.unwatched))
         self._write_status()
         if self.db_ready:
@@ -358,6 +368,16 @@ class Service:
                 health.beat(self.engine, self.config, self.snapshot())
             except Exception as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc).splitlines()[0][:200]})
+
+    def _drop_unmonitored(self) -> None:
+        """Registered mode: stop reading files of sessions unregistered since (after a load)."""
+        if self.config.file_watcher["mode"] != "registered":
+            return
+        for path, tf in list(self.files.items()):
+            if not self._wanted(path, tf.ctx):
+                self.files.pop(path, None)
+                self.dirty.pop(path, None)
+                self.unwatched.add(path)
 
     def _maybe_status(self) -> None:
         """Keep status.json fresh after writes without paying for it on every commit."""
@@ -425,11 +445,12 @@ class Service:
     ) -> SourceState:
         """Same file as the checkpoint describes? Else rebind (same bytes) or new generation."""
         same_inode = (state.inode, state.device) == (inode, device)
-        if same_inode and size >= state.committed_offset:
-            return state
-        if size >= state.committed_offset and content_matches(
-            path, state.committed_offset, state.fingerprint
-        ):
+        grown = size >= state.committed_offset
+        if same_inode and grown and state.fingerprint is None:
+            return state  # nothing to compare the bytes with: trust the inode
+        if grown and content_matches(path, state.committed_offset, state.fingerprint):
+            if same_inode:
+                return state
             log.info("file replaced by a copy; continuing at checkpoint", extra={"path": path})
             return self.checkpoints.rebind(state, inode, device)
         log.warning(
@@ -460,7 +481,13 @@ class Service:
         except CheckpointConflict as exc:
             log.warning("checkpoint moved under us; reloading", extra={"error": str(exc)})
             self._rollback(pending)
-            self._reload_checkpoints(pending)
+            try:
+                self._reload_checkpoints(pending)
+                self.tracker.load(self.engine)  # a session may have been ended (unregister)
+            except Exception as reload_exc:
+                self._db_failed(reload_exc)
+                return False
+            self._drop_unmonitored()
             return True
         except Exception as exc:
             self._rollback(pending)
@@ -516,6 +543,7 @@ class Service:
                 max_bytes=self.limits["max_bytes"] - pending.bytes,
                 max_line=self.limits["max_line"],
                 chunk=self.limits["chunk"],
+                fingerprint=tf.source.fingerprint,
             )
         except FileReplaced as exc:
             ident = exc.identity
@@ -551,6 +579,11 @@ class Service:
                     seq = 1
             if out.kind == "turn" and out.payload is not None:
                 self.counters.turns += 1
+                if out.payload.get("sanitized"):
+                    log.warning(
+                        "unstorable characters (NUL or lone surrogate) replaced by U+FFFD",
+                        extra={"path": tf.path, "offset": offset},
+                    )
                 ts = out.timestamp or datetime.fromisoformat(out.payload["turn_timestamp"])
                 batch.events.append(
                     Event(
@@ -702,7 +735,11 @@ def _first_session_id(path: str) -> str | None:
     import json
 
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        with open(fd, "rb") as f:
             for _ in range(20):
                 line = f.readline(1 << 20)
                 if not line.endswith(b"\n"):

@@ -90,8 +90,7 @@ class TreeWatcher:
     def start(self) -> list[str]:
         """Watch the tree (or the nearest existing ancestor) and return the files present."""
         if not self.root.is_dir():
-            self._wait_for_root()
-            return []
+            return self._wait_for_root()
         self.root_present = True
         self._drop_ancestor()
         return self._add_tree(self.root, 0)
@@ -100,23 +99,25 @@ class TreeWatcher:
         """Every transcript file present now; also re-adds watches (after overflow)."""
         return self.start()
 
-    def _wait_for_root(self) -> None:
+    def _wait_for_root(self) -> list[str]:
+        """Watch the nearest existing ancestor; the files present if the root just appeared."""
         self.root_present = False
         probe = self.root.parent
         while not probe.is_dir() and probe != probe.parent:
             probe = probe.parent
         if self._ancestor and self._ancestor[1] == probe:
-            return
+            return []
         self._drop_ancestor()
         try:
             wd = self._inotify.add_watch(probe, ANCESTOR_MASK)
         except OSError as exc:
             log.warning("cannot watch %s for the projects path: %s", probe, exc.strerror)
-            return
+            return []
         self._ancestor = (wd, probe)
         log.info("projects path does not exist yet; waiting", extra={"path": str(self.root)})
         if self.root.is_dir():  # appeared between the check and the watch
-            self.start()
+            return self.start()
+        return []
 
     def _drop_ancestor(self) -> None:
         if self._ancestor is not None:
@@ -214,7 +215,7 @@ class TreeWatcher:
         if self.root.is_dir():
             changes.dirty.update(self.start())
         else:
-            self._wait_for_root()
+            changes.dirty.update(self._wait_for_root())
 
     def _forget(self, wd: int, folder: Path, changes: WatchChanges) -> None:
         self._dirs.pop(wd, None)
@@ -223,7 +224,7 @@ class TreeWatcher:
             for other in list(self._dirs):
                 self._dirs.pop(other, None)
             changes.rescan = True
-            self._wait_for_root()
+            changes.dirty.update(self._wait_for_root())
 
 
 # ---------------------------------------------------------------------- reading
@@ -298,19 +299,28 @@ def read_lines(
     max_bytes: int,
     max_line: int,
     chunk: int,
+    fingerprint: bytes | None = None,
 ) -> ReadResult:
     """Read complete lines from ``start``; a trailing line without ``\\n`` is left alone.
 
-    Raises FileReplaced when the inode differs or the file is shorter than ``start``, and
-    OSError when the file cannot be opened (the caller records and retries later).
+    Raises FileReplaced when the inode differs, the file is shorter than ``start``, or the
+    bytes before ``start`` no longer match ``fingerprint`` (rewritten in place, e.g. by
+    ``O_TRUNC`` and longer new content, or a re-used inode), and OSError when the file
+    cannot be opened (the caller records and retries later).
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # checked before open(): it leaks the fd if it raises
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
     with open(fd, "rb", buffering=chunk) as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
         if st.st_ino != inode or st.st_size < start:
             raise FileReplaced(FileIdentity(st.st_ino, st.st_dev, st.st_size))
+        if fingerprint is not None and start > 0:
+            span = min(start, FINGERPRINT_SPAN)
+            f.seek(start - span)
+            if tail_fingerprint(f.read(span)) != fingerprint:
+                raise FileReplaced(FileIdentity(st.st_ino, st.st_dev, st.st_size))
         f.seek(start)
         lines: list[tuple[int, bytes]] = []
         oversized: list[Oversized] = []
@@ -318,7 +328,7 @@ def read_lines(
         more = False
         for offset, data, length in _complete_lines(f, start, max_line, chunk):
             if length > max_line:
-                oversized.append(Oversized(offset, length, data))
+                oversized.append(Oversized(offset, length, data[:REJECT_HEAD_BYTES]))
             else:
                 lines.append((offset, data))
             pos = offset + length + 1
@@ -338,8 +348,9 @@ def _complete_lines(
 ) -> Iterator[tuple[int, bytes, int]]:
     """Yield (offset, line, length) per complete line, stopping at a partial one.
 
-    A line longer than ``max_line`` is yielded as its first REJECT_HEAD_BYTES only, and is
-    never held whole: past the limit its pieces are counted, not kept.
+    A line longer than one chunk is first scanned to its newline keeping only its first
+    REJECT_HEAD_BYTES, so memory stays at a chunk plus that head whatever the line's size:
+    over ``max_line`` it is yielded as that head; otherwise it is read back whole at once.
     """
     readline = f.readline
     offset = start
@@ -351,21 +362,22 @@ def _complete_lines(
             continue
         if len(piece) < chunk:
             return  # EOF: nothing, or a partial line still being written
-        parts = [piece]
+        head = piece[:REJECT_HEAD_BYTES]
         total = len(piece)
-        head: bytes | None = None
         while not piece.endswith(b"\n"):
             piece = readline(chunk)
             if len(piece) < chunk and not piece.endswith(b"\n"):
                 return  # the long line is not complete yet
             total += len(piece)
-            if head is None:
-                parts.append(piece)
-                if total > max_line + 1:
-                    head = b"".join(parts)[:REJECT_HEAD_BYTES]
-                    parts = []
-        if head is None:
-            yield offset, b"".join(parts)[:-1], total - 1
+            if len(head) < REJECT_HEAD_BYTES:
+                head += piece[: REJECT_HEAD_BYTES - len(head)]
+        length = total - 1
+        if length > max_line:
+            yield offset, head[:length], length
         else:
-            yield offset, head, total - 1
+            f.seek(offset)
+            data = f.read(length)
+            if len(data) != length or f.read(1) != b"\n":
+                return  # changed under us (truncated/rewritten): the next read decides
+            yield offset, data, length
         offset += total

@@ -181,17 +181,12 @@ class EventWriter:
     def write_batch(
         self, batch: Batch, *, should_abort: Callable[[], bool] = lambda: False
     ) -> WriteResult:
-        """Store a batch and advance its checkpoints atomically (see module docstring)."""
-        valid: list[Event] = []
-        invalid: list[Rejection] = []
-        for event in batch.events:
-            try:
-                event.payload = validate_payload(event.event_type, event.payload)
-                valid.append(event)
-            except InvalidEvent as exc:
-                invalid.append(self._invalid_rejection(event, exc))
-        staged = Batch(valid, batch.rejections + invalid, batch.advances, batch.sessions)
-        return self._with_retries(lambda conn: self._store(conn, staged), valid, should_abort)
+        """Store a batch and advance its checkpoints atomically (see module docstring).
+
+        Payloads are validated inside the transaction while the rows stream to the server
+        (``_copy_events``); invalid events become rejections of that same transaction.
+        """
+        return self._with_retries(lambda conn: self._store(conn, batch), batch.events, should_abort)
 
     def ping(self) -> bool:
         """True when the database answers a trivial query now."""
@@ -256,13 +251,14 @@ class EventWriter:
             evts = [
                 e
                 for e in evts
-                if (_LIFECYCLE.get(e.event_type), e.payload.get("session_uuid")) not in result.lost
+                if not isinstance(e.payload, dict)
+                or (_LIFECYCLE.get(e.event_type), e.payload.get("session_uuid")) not in result.lost
             ]
+        invalid: list[Rejection] = []
         if evts:
             try:
                 with conn.begin_nested():
-                    self._copy_events(conn, evts)
-                result.written = len(evts)
+                    result.written = self._copy_events(conn, evts, invalid)
             except (sa_exc.DBAPIError, psycopg.Error) as exc:
                 if is_transient(exc):
                     raise
@@ -270,9 +266,11 @@ class EventWriter:
                     "bulk insert refused, storing row by row",
                     extra={"error": _describe(exc), "events": len(evts)},
                 )
-                self._insert_careful(conn, evts, result, [])
-        if batch.rejections:
-            result.rejected += self._insert_rejections(conn, batch.rejections)
+                valid, invalid = self._validated(evts)  # the COPY may have stopped midway
+                self._insert_careful(conn, valid, result, [])
+        rejections = batch.rejections + invalid
+        if rejections:
+            result.rejected += self._insert_rejections(conn, rejections)
         self._advance(conn, batch.advances)
         return result
 
@@ -299,12 +297,41 @@ class EventWriter:
                     f"{(adv.generation, adv.start_offset)}, database has {stored}"
                 )
 
-    def _copy_events(self, conn: Connection, evts: list[Event]) -> None:
+    def _copy_events(self, conn: Connection, evts: list[Event], invalid: list[Rejection]) -> int:
+        """COPY the valid events, validating each just before its row is sent.
+
+        Why here rather than before the transaction: the server is the bottleneck (jsonb
+        parsing, TOAST, WAL) and works through the rows already sent while Python validates
+        and serialises the next ones, so validation costs no wall time; done upfront it was
+        ~10-15% of the batch path with the server idle. Invalid events are appended to
+        ``invalid`` and left out. Returns the number of rows sent.
+        """
         raw = conn.connection.driver_connection
         assert raw is not None
+        sent = 0
         with raw.cursor() as cur, cur.copy(_COPY_SQL) as copy:
             for e in evts:
+                try:
+                    e.payload = validate_payload(e.event_type, e.payload)
+                except InvalidEvent as exc:
+                    invalid.append(self._invalid_rejection(e, exc))
+                    continue
                 copy.write_row(self._row_tuple(e))
+                sent += 1
+        return sent
+
+    def _validated(self, evts: list[Event]) -> tuple[list[Event], list[Rejection]]:
+        """Valid events (payload normalised) and rejections for the invalid ones."""
+        valid: list[Event] = []
+        invalid: list[Rejection] = []
+        for e in evts:
+            try:
+                e.payload = validate_payload(e.event_type, e.payload)
+            except InvalidEvent as exc:
+                invalid.append(self._invalid_rejection(e, exc))
+            else:
+                valid.append(e)
+        return valid, invalid
 
     def _row_tuple(self, e: Event) -> tuple[Any, ...]:
         p = e.position
@@ -418,14 +445,24 @@ class EventWriter:
             if ch.kind == "activity":
                 stmt = (
                     sessions.update()
-                    .where(sessions.c.session_uuid == i.session_uuid)
+                    .where(
+                        sessions.c.session_uuid == i.session_uuid,
+                        sessions.c.state == "active",
+                        sessions.c.epoch == ch.expected_epoch,
+                    )
                     .values(
                         last_activity_at=func.greatest(
                             sessions.c.last_activity_at, i.last_activity_at
                         )
                     )
                 )
-                conn.execute(stmt)
+                if conn.execute(stmt).rowcount == 0:
+                    # ended meanwhile (e.g. `unregister`): nothing of the batch is stored; the
+                    # caller reloads the sessions and redoes it, registering the session again
+                    raise CheckpointConflict(
+                        f"session {i.session_uuid} is no longer active with epoch "
+                        f"{ch.expected_epoch}"
+                    )
                 continue
             ins = pg_insert(sessions).values(values)
             keep = {k: ins.excluded[k] for k in values if k != "session_uuid"}

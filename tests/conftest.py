@@ -116,3 +116,236 @@ def shared_transcripts() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared transcripts not available: {path} does not exist")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Transcripts: the contract's rule computed independently, and the exactly-once invariant
+# (used by the tailer/service/CLI tests and meant for the chaos tests too)
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def classify_transcript_line(raw: bytes, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> str:
+    """``turn`` | ``reject`` | ``skip`` for one complete line (without its ``\\n``), straight
+    from INTERFACE.md — written apart from ``transcript.py`` on purpose."""
+    import json
+
+    if len(raw) > max_line_bytes:
+        return "reject"
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "reject"
+    if not decoded.strip():
+        return "skip"
+    try:
+        obj = json.loads(decoded)
+    except (ValueError, RecursionError):
+        return "reject"
+    if not isinstance(obj, dict):
+        return "reject"
+    if obj.get("type") not in ("user", "assistant"):
+        return "skip"
+    message = obj.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return "turn" if content.strip() else "skip"
+    if isinstance(content, list):
+        for block in content:
+            if (
+                isinstance(block, dict)
+                and block.get("type") == "text"
+                and isinstance(block.get("text"), str)
+                and block["text"].strip()
+            ):
+                return "turn"
+    return "skip"
+
+
+class ExpectedFile:
+    """What the contract says one transcript file must produce, line by line."""
+
+    def __init__(self, path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        with open(path, "rb") as f:
+            data = f.read()
+        self.path = path
+        self.size = len(data)
+        self.committed_offset = data.rfind(b"\n") + 1  # bytes up to the last newline
+        self.turns: list[int] = []
+        self.rejects: list[int] = []
+        self.skips: list[int] = []
+        self.lengths: dict[int, int] = {}
+        offset = 0
+        for raw in data.split(b"\n")[:-1]:  # the last piece is partial (or empty)
+            kind = classify_transcript_line(raw, max_line_bytes)
+            {"turn": self.turns, "reject": self.rejects, "skip": self.skips}[kind].append(offset)
+            self.lengths[offset] = len(raw)
+            offset += len(raw) + 1
+
+    @property
+    def complete_lines(self) -> int:
+        return len(self.turns) + len(self.rejects) + len(self.skips)
+
+
+def transcript_files(projects_root: Path) -> list[str]:
+    """Every watched file per INTERFACE.md: ``<project>/*.jsonl`` and
+    ``<project>/<uuid>/subagents/*.jsonl``."""
+    root = Path(os.path.abspath(projects_root))
+    found = [*root.glob("*/*.jsonl"), *root.glob("*/*/subagents/*.jsonl")]
+    return sorted(str(p) for p in found if p.is_file())
+
+
+def assert_exactly_once(
+    engine,  # type: ignore[no-untyped-def]
+    projects_root: Path,
+    *,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    files: list[str] | None = None,
+) -> dict[str, ExpectedFile]:
+    """Every complete line of every watched file accounted for exactly once.
+
+    Per file (its current generation): ``committed_offset`` == bytes up to the last ``\\n``,
+    ``lines_committed`` == complete lines, one ``turn_detected`` row at exactly each turn line,
+    one ``rejected_events`` row (with the line's full length) at exactly each rejected line,
+    neither at a skipped line; and no two rows anywhere share a source position.
+    Returns the expectations per path (for totals).
+    """
+    from sqlalchemy import text
+
+    paths = transcript_files(projects_root) if files is None else sorted(files)
+    expected = {p: ExpectedFile(p, max_line_bytes) for p in paths}
+    with engine.connect() as conn:
+        dup_events = conn.execute(
+            text(
+                "SELECT source_id, source_generation, source_offset, source_seq, count(*) "
+                "FROM events WHERE source_id IS NOT NULL "
+                "GROUP BY 1, 2, 3, 4 HAVING count(*) > 1"
+            )
+        ).all()
+        dup_rejects = conn.execute(
+            text(
+                "SELECT source_id, source_generation, byte_offset, source_seq, count(*) "
+                "FROM rejected_events WHERE source_id IS NOT NULL "
+                "GROUP BY 1, 2, 3, 4 HAVING count(*) > 1"
+            )
+        ).all()
+        srcs = {
+            r.path: r
+            for r in conn.execute(
+                text(
+                    "SELECT id, path, generation, committed_offset, lines_committed "
+                    "FROM sources WHERE path = ANY(:p)"
+                ),
+                {"p": paths},
+            )
+        }
+        ids = [r.id for r in srcs.values()]
+        turn_rows = conn.execute(
+            text(
+                "SELECT source_id, source_generation, source_offset FROM events "
+                "WHERE event_type = 'turn_detected' AND source_id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        ).all()
+        reject_rows = conn.execute(
+            text(
+                "SELECT source_id, source_generation, byte_offset, raw_length "
+                "FROM rejected_events WHERE source_id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        ).all()
+    assert not dup_events, f"events stored twice at one source position: {dup_events}"
+    assert not dup_rejects, f"rejections stored twice at one source position: {dup_rejects}"
+
+    problems: list[str] = []
+    for path, exp in expected.items():
+        src = srcs.get(path)
+        if src is None:
+            if exp.complete_lines:
+                problems.append(f"{path}: {exp.complete_lines} complete lines, never ingested")
+            continue
+        turns = sorted(
+            r.source_offset
+            for r in turn_rows
+            if r.source_id == src.id and r.source_generation == src.generation
+        )
+        rejects = sorted(
+            (r.byte_offset, r.raw_length)
+            for r in reject_rows
+            if r.source_id == src.id and r.source_generation == src.generation
+        )
+        want_rejects = [(o, exp.lengths[o]) for o in exp.rejects]
+        if src.committed_offset != exp.committed_offset:
+            problems.append(
+                f"{path}: committed_offset {src.committed_offset} != {exp.committed_offset}"
+            )
+        if src.lines_committed != exp.complete_lines:
+            problems.append(
+                f"{path}: lines_committed {src.lines_committed} != {exp.complete_lines}"
+            )
+        if turns != exp.turns:
+            problems.append(
+                f"{path}: {len(turns)} turn rows, expected {len(exp.turns)} "
+                f"(missing at {sorted(set(exp.turns) - set(turns))[:5]}, "
+                f"unexpected at {sorted(set(turns) - set(exp.turns))[:5]})"
+            )
+        if rejects != want_rejects:
+            problems.append(f"{path}: rejected rows {rejects[:5]} != expected {want_rejects[:5]}")
+    assert not problems, "exactly-once violated:\n" + "\n".join(problems)
+    return expected
+
+
+@pytest.fixture
+def exactly_once():  # type: ignore[no-untyped-def]
+    """The invariant as a fixture: ``exactly_once(engine, projects_root, max_line_bytes=…)``."""
+    return assert_exactly_once
+
+
+@pytest.fixture
+def expected_transcript():  # type: ignore[no-untyped-def]
+    """``expected_transcript(path, max_line_bytes)`` → :class:`ExpectedFile` (INTERFACE rule)."""
+    return ExpectedFile
+
+
+# --------------------------------------------------------------------------------------------
+# The watcher under test (tests/watcher_helpers.py)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db_engine(database_url: str) -> Iterator[object]:
+    """A SQLAlchemy engine on the test's fresh database."""
+    from headspace_watcher.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def watcher(tmp_path: Path, database_url: str) -> Iterator[object]:
+    """A :class:`watcher_helpers.WatcherEnv`: ``root`` (projects path, empty), ``state_dir``,
+    a config file with small limits, ``run_once()`` in-process, ``start()`` / ``cli()`` as the
+    real console script. Processes started are stopped at the end."""
+    from watcher_helpers import WatcherEnv
+
+    env = WatcherEnv.create(tmp_path, database_url)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def password_database_url(pg_cluster: PgServer, database_url: str) -> str:
+    """``database_url`` reached as a role that has a password (secrets-masking tests)."""
+    from sqlalchemy.engine import make_url
+    from watcher_helpers import create_password_role
+
+    try:
+        return create_password_role(pg_cluster, make_url(database_url).database or "")
+    except Exception as exc:  # e.g. an external server whose user may not create roles
+        pytest.skip(f"cannot create a role with a password: {exc}")

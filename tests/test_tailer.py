@@ -1,0 +1,414 @@
+"""Tailer unit tests: ``TreeWatcher`` discovery with real inotify in temp dirs, and
+``read_lines`` on real files (partial lines, CRLF, oversized lines, truncation, new inodes)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from watcher_helpers import wait_for
+
+from headspace_watcher.tailer import (
+    REJECT_HEAD_BYTES,
+    FileReplaced,
+    TreeWatcher,
+    WatchChanges,
+    read_lines,
+)
+from headspace_watcher.transcript import file_context, parse_line
+
+SESSION = "3f2b9c1e-7a4d-4e8b-9c1a-2b3c4d5e6f70"
+SESSION_2 = "8e7d6c5b-4a39-4281-9f0e-1d2c3b4a5968"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "projects"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_watcher():  # type: ignore[no-untyped-def]
+    made: list[TreeWatcher] = []
+
+    def make(path: Path) -> TreeWatcher:
+        w = TreeWatcher(path)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
+
+
+class Collector:
+    """Accumulates the watcher's changes across reads until a test's condition holds."""
+
+    def __init__(self, watcher: TreeWatcher) -> None:
+        self.watcher = watcher
+        self.dirty: set[str] = set()
+        self.deleted: set[str] = set()
+        self.rescans = 0
+
+    def pump(self) -> WatchChanges:
+        changes = self.watcher.read(timeout_ms=20)
+        self.dirty |= changes.dirty
+        self.deleted |= changes.deleted
+        self.rescans += changes.rescan
+        return changes
+
+    def until(self, what: str, cond) -> None:  # type: ignore[no-untyped-def]
+        def check() -> bool:
+            self.pump()
+            return bool(cond())
+
+        wait_for(check, what, timeout=5, details=lambda: f"dirty={self.dirty} del={self.deleted}")
+
+
+def touch(path: Path, data: bytes = b"") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def read_all(path: Path, start: int = 0, *, max_line: int = 1 << 20, chunk: int = 4096, **kw):  # type: ignore[no-untyped-def]
+    return read_lines(
+        str(path),
+        start,
+        os.stat(path).st_ino,
+        max_lines=kw.get("max_lines", 10_000),
+        max_bytes=kw.get("max_bytes", 1 << 30),
+        max_line=max_line,
+        chunk=chunk,
+    )
+
+
+# =========================================================================== discovery
+
+
+def test_start_discovers_every_transcript_layout_and_nothing_else(root: Path, make_watcher) -> None:
+    proj = root / "-home-dev-src-demo"
+    want = {
+        touch(proj / f"{SESSION}.jsonl", b'{"type":"user"}\n'),
+        touch(proj / "agent-a1b2c3.jsonl", b'{"type":"user"}\n'),  # 2.0.x sub-agent
+        touch(proj / SESSION / "subagents" / "agent-acompact-946d2b.jsonl", b"{}\n"),  # 2.1.x
+        touch(root / "-other-project" / f"{SESSION_2}.jsonl"),  # empty file
+    }
+    touch(proj / "notes.txt", b"x\n")
+    touch(root / "stray.jsonl", b"{}\n")  # directly under the root: not a project file
+    touch(proj / SESSION / "tool-results" / "x.jsonl", b"{}\n")
+    touch(proj / SESSION / "subagents" / "deeper" / "agent-x.jsonl", b"{}\n")
+
+    w = make_watcher(root)
+    found = w.start()
+
+    assert set(found) == want
+    assert len(found) == len(want)
+    assert w.root_present
+
+
+def test_files_and_folders_created_after_start_are_reported(root: Path, make_watcher) -> None:
+    w = make_watcher(root)
+    assert w.start() == []
+    c = Collector(w)
+
+    proj = root / "-home-dev-new"
+    proj.mkdir()
+    session = touch(proj / f"{SESSION}.jsonl")
+    c.until("the new session file", lambda: session in c.dirty)
+
+    agent20 = touch(proj / "agent-0a1b2c.jsonl", b"{}\n")
+    sub = proj / SESSION / "subagents"
+    sub.mkdir(parents=True)
+    agent21 = touch(sub / "agent-aprompt_suggestion-dcd338.jsonl", b"{}\n")
+    c.until("both sub-agent layouts", lambda: {agent20, agent21} <= c.dirty)
+
+    c.dirty.clear()
+    with open(session, "ab") as f:
+        f.write(b'{"type":"user"}\n')
+    c.until("the append to the session file", lambda: session in c.dirty)
+    assert not c.deleted
+
+
+def test_project_folder_moved_in_with_rename_is_discovered(
+    root: Path, tmp_path: Path, make_watcher
+) -> None:
+    w = make_watcher(root)
+    w.start()
+    c = Collector(w)
+    outside = tmp_path / "staging" / "-home-dev-moved"
+    files = {
+        touch(outside / f"{SESSION}.jsonl", b"{}\n"),
+        touch(outside / SESSION / "subagents" / "agent-a881341.jsonl", b"{}\n"),
+    }
+
+    os.rename(outside, root / "-home-dev-moved")
+
+    moved = {f.replace(str(outside), str(root / "-home-dev-moved")) for f in files}
+    c.until("the files of the moved-in project", lambda: moved <= c.dirty)
+    # the moved-in folders are watched: a new file inside is seen too
+    later = touch(root / "-home-dev-moved" / SESSION / "subagents" / "agent-later.jsonl")
+    c.until("a file created inside the moved-in tree", lambda: later in c.dirty)
+
+
+def test_deleted_and_moved_out_files_are_reported_as_deleted(
+    root: Path, tmp_path: Path, make_watcher
+) -> None:
+    proj = root / "-home-dev-demo"
+    gone = touch(proj / f"{SESSION}.jsonl", b"{}\n")
+    moved = touch(proj / f"{SESSION_2}.jsonl", b"{}\n")
+    w = make_watcher(root)
+    assert len(w.start()) == 2
+    c = Collector(w)
+
+    os.unlink(gone)
+    os.rename(moved, tmp_path / "elsewhere.jsonl")
+
+    c.until("both removals", lambda: {gone, moved} <= c.deleted)
+    assert not ({gone, moved} & c.dirty)
+
+
+def test_removed_project_folder_drops_its_watches(root: Path, make_watcher) -> None:
+    proj = root / "-home-dev-demo"
+    path = touch(proj / SESSION / "subagents" / "agent-a1.jsonl", b"{}\n")
+    w = make_watcher(root)
+    w.start()
+    assert w.watch_count == 4  # root, project, <uuid>, subagents
+    c = Collector(w)
+
+    shutil.rmtree(proj)
+
+    c.until("the deletion and the dropped watches", lambda: w.watch_count == 1)
+    assert path in c.deleted
+
+
+def test_missing_projects_path_is_awaited_then_watched(tmp_path: Path, make_watcher) -> None:
+    root = tmp_path / "home" / ".claude" / "projects"  # its parents are missing too
+    w = make_watcher(root)
+    assert w.start() == []
+    assert not w.root_present
+    c = Collector(w)
+
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".claude").mkdir()
+    root.mkdir()
+    c.until("the projects path to be watched", lambda: w.root_present)
+
+    session = touch(root / "-home-dev-demo" / f"{SESSION}.jsonl", b"{}\n")
+    c.until("a session created in the late projects path", lambda: session in c.dirty)
+
+
+def test_projects_path_created_with_files_in_one_go(tmp_path: Path, make_watcher) -> None:
+    root = tmp_path / "a" / "projects"
+    w = make_watcher(root)
+    assert w.start() == []
+    c = Collector(w)
+    staging = tmp_path / "staging"
+    session = touch(staging / "projects" / "-p" / f"{SESSION}.jsonl", b"{}\n")
+
+    os.rename(staging, tmp_path / "a")  # the whole missing parent appears at once
+
+    want = session.replace(str(staging), str(tmp_path / "a"))
+    c.until("the file inside the projects path that appeared", lambda: want in c.dirty)
+
+
+# =========================================================================== read_lines
+
+
+def test_partial_trailing_line_is_left_alone_then_read_when_completed(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"a":1}\n{"b":')
+
+    first = read_all(path)
+    assert first.lines == [(0, b'{"a":1}')]
+    assert first.end_offset == 8
+    assert first.size == 13
+    assert not first.more
+
+    again = read_all(path, first.end_offset)
+    assert again.lines == [] and again.end_offset == 8  # still incomplete: untouched
+
+    with open(path, "ab") as f:
+        f.write(b"2}\n")
+    second = read_all(path, first.end_offset)
+    assert second.lines == [(8, b'{"b":2}')]
+    assert second.end_offset == 16
+
+
+def test_partial_line_longer_than_a_chunk_waits(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    body = b'{"t":"' + b"x" * 10_000 + b'"}'
+    path.write_bytes(b"{}\n" + body)
+
+    res = read_all(path, chunk=4096)
+    assert res.lines == [(0, b"{}")]
+    assert res.oversized == []
+    assert res.end_offset == 3
+
+    with open(path, "ab") as f:
+        f.write(b"\n")
+    res = read_all(path, 3, chunk=4096)
+    assert res.lines == [(3, body)]
+    assert res.end_offset == len(body) + 4
+
+
+def test_crlf_lines_keep_exact_offsets_and_parse(tmp_path: Path) -> None:
+    path = tmp_path / f"{SESSION}.jsonl"
+    one = b'{"type":"user","sessionId":"s","message":{"content":"hi"}}'
+    two = b'{"type":"system"}'
+    path.write_bytes(one + b"\r\n" + two + b"\r\n" + b"{}\r")
+
+    res = read_all(path)
+    assert res.lines == [(0, one + b"\r"), (len(one) + 2, two + b"\r")]
+    assert res.end_offset == len(one) + len(two) + 4  # the trailing "{}\r" is not complete
+    ctx = file_context(path, tmp_path)
+    assert [parse_line(raw, ctx).kind for _, raw in res.lines] == ["turn", "skip"]
+
+
+def test_line_over_max_line_is_returned_as_oversized_with_bounded_head(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    huge = b'{"t":"' + b"y" * (100 * 1024 - 8) + b'"}'
+    assert len(huge) == 100 * 1024
+    path.write_bytes(b'{"a":1}\n' + huge + b"\n" + b'{"b":2}\n')
+
+    res = read_all(path, max_line=1024, chunk=4096)
+
+    assert res.lines == [(0, b'{"a":1}'), (8 + len(huge) + 1, b'{"b":2}')]
+    assert len(res.oversized) == 1
+    over = res.oversized[0]
+    assert over.offset == 8
+    assert over.length == 100 * 1024
+    assert 0 < len(over.head) <= REJECT_HEAD_BYTES
+    assert len(over.head) < over.length
+    assert huge.startswith(over.head)
+    assert res.end_offset == path.stat().st_size
+    assert res.count == 3
+
+
+def test_oversized_line_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    size = 8 * 1024 * 1024
+    with open(path, "wb") as f:
+        f.write(b'{"t":"')
+        for _ in range(size // 65536):
+            f.write(b"z" * 65536)
+        f.write(b'"}\n')
+
+    tracemalloc.start()
+    try:
+        res = read_all(path, max_line=1024, chunk=4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert res.oversized[0].length == size + 8
+    assert res.lines == []
+    assert peak < 512 * 1024, f"peak {peak} bytes while reading an {size}-byte line"
+
+
+def test_oversized_line_without_newline_yet_is_not_consumed(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"{}\n" + b"q" * 50_000)
+
+    res = read_all(path, max_line=1024, chunk=4096)
+
+    assert res.lines == [(0, b"{}")]
+    assert res.oversized == []
+    assert res.end_offset == 3
+
+
+def test_limits_stop_the_read_and_say_more(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"".join(b'{"n":%d}\n' % i for i in range(10)))
+
+    res = read_all(path, max_lines=4)
+    assert [o for o, _ in res.lines] == [0, 8, 16, 24]
+    assert res.more
+    rest = read_all(path, res.end_offset)
+    assert len(rest.lines) == 6
+    assert not rest.more
+    assert rest.end_offset == path.stat().st_size
+
+
+def test_truncation_below_checkpoint_raises_file_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"a":1}\n{"b":2}\n{"c":3}\n')
+    done = read_all(path)
+    inode = path.stat().st_ino
+
+    with open(path, "r+b") as f:
+        f.truncate(8)
+
+    with pytest.raises(FileReplaced) as info:
+        read_lines(
+            str(path), done.end_offset, inode, max_lines=10, max_bytes=1 << 20,
+            max_line=1 << 20, chunk=4096,
+        )  # fmt: skip
+    assert info.value.identity.size == 8
+    assert info.value.identity.inode == inode
+
+
+def test_new_inode_at_the_same_path_raises_file_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"a":1}\n')
+    old_inode = path.stat().st_ino
+    tmp = tmp_path / "new.jsonl"
+    tmp.write_bytes(b'{"a":1}\n{"b":2}\n')
+
+    os.replace(tmp, path)
+
+    new_inode = path.stat().st_ino
+    assert new_inode != old_inode
+    with pytest.raises(FileReplaced) as info:
+        read_lines(
+            str(path), 0, old_inode, max_lines=10, max_bytes=1 << 20, max_line=1 << 20,
+            chunk=4096,
+        )  # fmt: skip
+    assert info.value.identity.inode == new_inode
+    assert info.value.identity.size == 16
+
+
+def test_projects_path_appearing_while_the_watch_is_set_up_loses_no_file(
+    tmp_path: Path, make_watcher
+) -> None:
+    """The root is missing at the first check but present (with a file) by the time the
+    ancestor watch is in place: that file must still be reported."""
+    root = tmp_path / "projects"
+    session = touch(root / "-p" / f"{SESSION}.jsonl", b"{}\n")
+    checks = {"n": 0}
+
+    class AppearsLate(type(Path())):  # type: ignore[misc]
+        def is_dir(self) -> bool:  # type: ignore[override]
+            if str(self) == str(root):
+                checks["n"] += 1
+                if checks["n"] == 1:
+                    return False  # as if it did not exist yet at the first check
+            return super().is_dir()
+
+    w = make_watcher(root)
+    w.root = AppearsLate(root)
+
+    assert w.start() == [session]
+    assert w.root_present
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+def test_line_of_exactly_max_line_is_kept_and_one_more_byte_is_oversized(
+    tmp_path: Path, chunk: int
+) -> None:
+    max_line = 10_000  # longer than a 4 KiB chunk: the multi-chunk path
+    fits = b"a" * max_line
+    over = b"b" * (max_line + 1)
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(fits + b"\n" + over + b"\n" + b"{}\n")
+
+    res = read_all(path, max_line=max_line, chunk=chunk)
+
+    assert res.lines == [(0, fits), (2 * max_line + 3, b"{}")]
+    assert [(o.offset, o.length) for o in res.oversized] == [(max_line + 1, max_line + 1)]
+    assert over.startswith(res.oversized[0].head)
+    assert res.end_offset == path.stat().st_size
