@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gen import TreeGen, append, partial_tail, write_tree
+from gen import TranscriptFile, TreeGen, append, partial_tail, write_tree
 from harness import ChaosEnv, make_rng, pick, wait_for
 from invariants import DbView, assert_exact, expected_lines, snapshot
 
@@ -67,17 +67,21 @@ def test_truncate_delete_replace_while_reading(chaos_env: ChaosEnv, exactly_once
     registrations: dict[str, int] = {}
     closed: set[str] = set()
     mid_read = 0
-    w = env.start()
-    for case, tf in victims:
-        path = str(tf.path)
-        cp = wait_for(
-            lambda p=path: not w.alive() or env.checkpoints().get(p, 0),
-            f"the watcher to start reading {tf.path.name}",
-            timeout=60,
-            details=w.log,
-        )
+    def being_read() -> tuple[str, TranscriptFile, int] | None:
+        """A victim the watcher has started on, preferably one it is in the middle of."""
         assert w.alive(), w.log()
-        time.sleep(rng.uniform(0, 0.05))  # fault schedule
+        cps = env.checkpoints()
+        started = [(c, t, cps[str(t.path)]) for c, t in pending if cps.get(str(t.path), 0) > 0]
+        mid = [v for v in started if v[2] < v[1].path.stat().st_size]
+        return (mid or started or [None])[0]
+
+    w = env.start()
+    pending = list(victims)
+    while pending:
+        case, tf, cp = wait_for(being_read, "the watcher to read a victim", timeout=60)
+        pending.remove((case, tf))
+        path = str(tf.path)
+        time.sleep(rng.uniform(0, 0.02))  # fault schedule
         old = tf.path.read_bytes()
         mid_read += env.checkpoints().get(path, 0) < len(old)
         new = gen.lines(tf, rng.randint(20, 1200))
