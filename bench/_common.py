@@ -132,7 +132,8 @@ def header(name: str, url: str, srv: Server) -> None:
         f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print(f"python:   {sys.version.split()[0]}  psycopg {psycopg.__version__}")
-    print(f"postgres: {version.split(',')[0]}  ({', '.join(f'{k}={v}' for k, v in settings.items())})")
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    print(f"postgres: {version.split(',')[0]}  ({shown})")
     print(f"server:   {srv.description}", flush=True)
 
 
@@ -262,7 +263,7 @@ class TranscriptFactory:
             word = rng.choice(_WORDS)
             sep = "\n\n" if r < 0.02 else "\n" if r < 0.07 else " "
             if r > 0.995:
-                word = "\n```python\ndef f(x):\n    return x * 2  # \"doubled\"\n```\n"
+                word = '\n```python\ndef f(x):\n    return x * 2  # "doubled"\n```\n'
             parts.append(word + sep)
             length += len(word) + len(sep)
         return "".join(parts)
@@ -277,9 +278,7 @@ class TranscriptFactory:
         start = rng.randrange(0, len(self.corpus) - n - 1)
         return self.corpus[start : start + n].strip() or "ok"
 
-    def new_session(
-        self, project_dir: Path, cwd: str, start: datetime, version: str
-    ) -> SessionCtx:
+    def new_session(self, project_dir: Path, cwd: str, start: datetime, version: str) -> SessionCtx:
         sid = _uuid(self.rng)
         return SessionCtx(
             path=project_dir / f"{sid}.jsonl",
@@ -450,9 +449,7 @@ class TranscriptFactory:
                 "sourceToolAssistantUUID": ctx.parent_uuid,
             }
         elif kind == "assistant_text":
-            obj = self._assistant(
-                ctx, {"type": "text", "text": text or self.text(kind, long)}
-            )
+            obj = self._assistant(ctx, {"type": "text", "text": text or self.text(kind, long)})
         elif kind == "assistant_blank":
             obj = self._assistant(ctx, {"type": "text", "text": "\n\n"})
         elif kind == "assistant_thinking":
@@ -550,6 +547,7 @@ def generate_tree(
                 write(sub, max(2, n // rng.randrange(3, 10)), first="user_prompt")
                 stats.subagents += 1
     stats.projects = len(used)
+    os.sync()  # its writeback must not compete with what is measured next
     return stats
 
 

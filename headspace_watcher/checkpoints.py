@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from headspace_watcher.db import sources
@@ -53,11 +53,16 @@ def _state(row: object) -> SourceState:
     )
 
 
+PREFETCH_MAX = 1000
+
+
 class CheckpointStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._prefetched: dict[str, SourceState] = {}
 
     def load_all(self) -> dict[str, SourceState]:
+        self._prefetched.clear()
         with self._engine.connect() as conn:
             return {s.path: s for s in map(_state, conn.execute(select(sources)))}
 
@@ -67,15 +72,11 @@ class CheckpointStore:
         return _state(row) if row else None
 
     def register(self, path: str, inode: int, device: int) -> SourceState:
-        """The source row for ``path``, created at offset 0 when new.
-
-        Committed without waiting for the WAL flush (one fsync per new file made a catch-up
-        of a tree of many files slow). Safe: a row at offset 0 lost in a crash is simply
-        registered again, and any batch that references it commits synchronously, which
-        flushes the WAL up to and including this earlier commit.
-        """
+        """The source row for ``path``, created at offset 0 when new (or from ``prefetch``)."""
+        state = self._prefetched.pop(path, None)
+        if state is not None and (state.inode, state.device) == (inode, device):
+            return state
         with self._engine.begin() as conn:
-            conn.execute(text("SET LOCAL synchronous_commit TO off"))
             row = conn.execute(
                 pg_insert(sources)
                 .values(path=path, inode=inode, device=device)
@@ -85,6 +86,34 @@ class CheckpointStore:
             if row is None:
                 row = conn.execute(select(sources).where(sources.c.path == path)).one()
         return _state(row)
+
+    def prefetched(self, path: str) -> bool:
+        return path in self._prefetched
+
+    def prefetch(self, files: list[tuple[str, int, int]]) -> None:
+        """``register`` many (path, inode, device) at once: one transaction, not one per file.
+
+        For a catch-up over a tree of many new files. ``register`` then answers from memory
+        (the rows cannot change meanwhile: only this process's writer advances a source, and
+        only once it is registered; the batch guard would catch it anyway).
+        """
+        if len(self._prefetched) >= PREFETCH_MAX:  # left over (files gone meanwhile)
+            self._prefetched.clear()
+        todo = [f for f in files if f[0] not in self._prefetched][:PREFETCH_MAX]
+        if not todo:
+            return
+        with self._engine.begin() as conn:
+            conn.execute(
+                pg_insert(sources)
+                .values([{"path": p, "inode": i, "device": d} for p, i, d in todo])
+                .on_conflict_do_nothing(index_elements=["path"])
+            )
+            rows = conn.execute(
+                select(sources).where(sources.c.path.in_([p for p, _i, _d in todo]))
+            ).all()
+        for row in rows:
+            state = _state(row)
+            self._prefetched[state.path] = state
 
     def rebind(self, state: SourceState, inode: int, device: int) -> SourceState:
         """Same content under a new inode (file replaced by a copy): keep the offset."""

@@ -10,6 +10,7 @@ stops advancing (offsets stay at the last commit) and retries on a capped backof
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -27,7 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 
 from headspace_watcher import __version__, health
-from headspace_watcher.checkpoints import CheckpointStore, SourceState
+from headspace_watcher.checkpoints import PREFETCH_MAX, CheckpointStore, SourceState
 from headspace_watcher.config import Config, mask_url
 from headspace_watcher.db import init_db, make_engine
 from headspace_watcher.events import Event, Rejection, SourcePosition
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 4
 RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
+TRIM_AFTER_BYTES = 1 << 20  # ingested since the last malloc_trim (see _release_free_memory)
 _LOCK_NAMESPACE = 0x4853  # "HS"
 
 
@@ -142,6 +144,7 @@ class Service:
         self._next_rescan = 0.0
         self._next_status = 0.0
         self._deleted: list[str] = []
+        self._untrimmed = 0  # bytes ingested since the last _release_free_memory()
 
     # ================================================================== lifecycle
     def run(self, once: bool = False) -> int:
@@ -318,6 +321,9 @@ class Service:
                 continue
             if self.dirty:
                 self._step()
+                if not self.dirty and self._untrimmed >= TRIM_AFTER_BYTES:
+                    self._untrimmed = 0
+                    _release_free_memory()  # backlog drained: give its heap back
             else:
                 self._end_due_sessions()
             self._maybe_rescan(now)
@@ -434,6 +440,22 @@ class Service:
         self.files[path] = tf
         return tf
 
+    def _prefetch_sources(self) -> None:
+        """Register the checkpoints of many new files in one transaction (a catch-up of a
+        tree), instead of one transaction each in ``_track``."""
+        if self.config.file_watcher["mode"] != "all":
+            return
+        new: list[tuple[str, int, int]] = []
+        for path in self.dirty:
+            if path not in self.files and not self.checkpoints.prefetched(path):
+                with contextlib.suppress(OSError):
+                    ident = identity(path)
+                    new.append((path, ident.inode, ident.device))
+                if len(new) >= PREFETCH_MAX:
+                    break
+        if len(new) > 1:
+            self.checkpoints.prefetch(new)
+
     def _wanted(self, path: str, ctx: FileContext) -> bool:
         if self.config.file_watcher["mode"] != "registered":
             return True
@@ -502,6 +524,7 @@ class Service:
     def _build_batch(self) -> tuple[Batch, _Pending]:
         batch = Batch()
         pending = _Pending()
+        self._prefetch_sources()
         for path in list(self.dirty):
             if (
                 pending.lines >= self.limits["max_lines"]
@@ -622,6 +645,7 @@ class Service:
             tf.source.committed_offset = res.end_offset
             tf.source.fingerprint = res.fingerprint
             tf.source.lines_committed += res.count
+        self._untrimmed += pending.bytes
         self.tracker.commit()
         for _kind, session in lost:  # someone else (CLI) decided first: adopt their view
             self.tracker.forget(session)
@@ -728,6 +752,25 @@ class Service:
 
 class _AnotherWatcher(Exception):
     pass
+
+
+_MALLOC_TRIM: Any = None
+
+
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps what a backlog's batches freed (its trim threshold grows with the largest
+    buffers seen), ~10 MB after a catch-up that the idle service would otherwise hold forever.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def _first_session_id(path: str) -> str | None:

@@ -114,9 +114,24 @@ class SessionTracker:
         """A line of ``session_uuid`` was seen at ``at``: maybe a (re-)registration."""
         current = self.get(session_uuid)
         if current is not None and current.state == "active":
-            info = replace(current, last_activity_at=max(current.last_activity_at, at))
-            if project_path and not info.project_path:
-                info = replace(info, project_path=project_path)
+            # called for every line of a catch-up: build the new info directly (replace()
+            # costs several times more), or keep it when nothing moves
+            last = current.last_activity_at
+            adopt_path = bool(project_path) and not current.project_path
+            if at <= last and not adopt_path:
+                info = current
+            else:
+                info = SessionInfo(
+                    current.session_uuid,
+                    current.state,
+                    current.epoch,
+                    current.registered_at,
+                    at if at > last else last,
+                    project_path if adopt_path else current.project_path,
+                    current.monitored,
+                    current.working_directory,
+                    current.iterm_pane_id,
+                )
             self._staged[session_uuid] = info
             return None, SessionChange("activity", info, current.epoch)
         epoch = current.epoch + 1 if current else 1

@@ -16,6 +16,7 @@ poison events go to ``rejected_events``, the rest is stored.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -33,7 +34,7 @@ from headspace_watcher.db import agents, events, projects, rejected_events, sess
 from headspace_watcher.events import Event, Rejection, SourcePosition
 from headspace_watcher.retry import RetryPolicy, is_transient
 from headspace_watcher.schemas import InvalidEvent, validate_payload
-from headspace_watcher.sessions import SessionChange
+from headspace_watcher.sessions import SessionChange, SessionInfo
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +428,24 @@ class EventWriter:
         lost: set[tuple[str, str]] = set()
         for ch in _coalesce(changes):
             i = ch.info
+            if ch.kind == "activity":
+                stmt = _session_activity_stmt()
+                params = {
+                    "uuid": i.session_uuid,
+                    "expected_epoch": ch.expected_epoch,
+                    "at": i.last_activity_at,
+                }
+                if conn.execute(stmt, params).rowcount == 0:
+                    # ended meanwhile (e.g. `unregister`): nothing of the batch is stored; the
+                    # caller reloads the sessions and redoes it, registering the session again
+                    raise CheckpointConflict(
+                        f"session {i.session_uuid} is no longer active with epoch "
+                        f"{ch.expected_epoch}"
+                    )
+                continue
+            if ch.kind == "end" and ch.expected_epoch == 0:
+                lost.add((ch.kind, i.session_uuid))
+                continue
             values = {
                 "session_uuid": i.session_uuid,
                 "state": i.state,
@@ -441,51 +460,10 @@ class EventWriter:
                 "monitored": i.monitored,
                 "working_directory": i.working_directory,
                 "iterm_pane_id": i.iterm_pane_id,
+                "expected_epoch": ch.expected_epoch,
             }
-            if ch.kind == "activity":
-                stmt = (
-                    sessions.update()
-                    .where(
-                        sessions.c.session_uuid == i.session_uuid,
-                        sessions.c.state == "active",
-                        sessions.c.epoch == ch.expected_epoch,
-                    )
-                    .values(
-                        last_activity_at=func.greatest(
-                            sessions.c.last_activity_at, i.last_activity_at
-                        )
-                    )
-                )
-                if conn.execute(stmt).rowcount == 0:
-                    # ended meanwhile (e.g. `unregister`): nothing of the batch is stored; the
-                    # caller reloads the sessions and redoes it, registering the session again
-                    raise CheckpointConflict(
-                        f"session {i.session_uuid} is no longer active with epoch "
-                        f"{ch.expected_epoch}"
-                    )
-                continue
-            ins = pg_insert(sessions).values(values)
-            keep = {k: ins.excluded[k] for k in values if k != "session_uuid"}
-            for key in (
-                "project_id",
-                "agent_id",
-                "project_path",
-                "working_directory",
-                "iterm_pane_id",
-            ):
-                keep[key] = func.coalesce(ins.excluded[key], sessions.c[key])
-            if ch.kind == "register":
-                keep["monitored"] = sessions.c.monitored | ins.excluded.monitored
-            want_state = "ended" if ch.kind == "register" else "active"
-            stmt = ins.on_conflict_do_update(
-                index_elements=["session_uuid"],
-                set_=keep,
-                where=(sessions.c.state == want_state) & (sessions.c.epoch == ch.expected_epoch),
-            ).returning(sessions.c.epoch)
-            if ch.kind == "end" and ch.expected_epoch == 0:
-                lost.add((ch.kind, i.session_uuid))
-                continue
-            if conn.execute(stmt).first() is None:
+            stmt = _session_upsert_stmt(ch.kind == "register")
+            if conn.execute(stmt, values).first() is None:
                 lost.add((ch.kind, i.session_uuid))
         return lost
 
@@ -509,15 +487,29 @@ class EventWriter:
 
     # ------------------------------------------------------------------ reference data
     def _resolve_ids(self, evts: list[Event]) -> None:
-        """Upsert projects/agents first, in their own transaction (idempotent reference data)."""
+        """Upsert projects/agents first, in their own transaction (idempotent reference data).
+
+        All new ones of a batch in one statement per table (a catch-up sees hundreds).
+        """
         paths = {e.project_path for e in evts if e.project_path} - self._project_ids.keys()
         keys = {e.agent_key for e in evts if e.agent_key} - self._agent_ids.keys()
         if paths or keys:
+            project_ids: dict[str, int] = {}
+            agent_ids: dict[str, int] = {}
             with self.engine.begin() as conn:
-                for path in sorted(paths):
-                    self._project_ids[path] = self._upsert_project(conn, path)
-                for key in sorted(keys):
-                    self._agent_ids[key] = self._upsert_agent(conn, key, evts)
+                if paths:
+                    project_ids = self._upsert_projects(conn, sorted(paths))
+                if keys:
+                    project_of: dict[str, str] = {}
+                    for e in evts:
+                        if e.agent_key in keys and e.project_path:
+                            project_of.setdefault(e.agent_key, e.project_path)
+                    known = self._project_ids | project_ids
+                    agent_ids = self._upsert_agents(
+                        conn, [(k, known.get(project_of.get(k, ""))) for k in sorted(keys)]
+                    )
+            self._project_ids.update(project_ids)
+            self._agent_ids.update(agent_ids)
         for e in evts:
             if e.project_id is None and e.project_path:
                 e.project_id = self._project_ids[e.project_path]
@@ -525,21 +517,24 @@ class EventWriter:
                 e.agent_id = self._agent_ids[e.agent_key]
 
     @staticmethod
-    def _upsert_project(conn: Connection, path: str) -> int:
-        name = path.rstrip("/").rsplit("/", 1)[-1] or path
-        conn.execute(pg_insert(projects).values(path=path, name=name).on_conflict_do_nothing())
-        return conn.execute(select(projects.c.id).where(projects.c.path == path)).scalar_one()
+    def _upsert_projects(conn: Connection, paths: list[str]) -> dict[str, int]:
+        rows = [{"path": p, "name": p.rstrip("/").rsplit("/", 1)[-1] or p} for p in paths]
+        conn.execute(pg_insert(projects).values(rows).on_conflict_do_nothing())
+        found = conn.execute(
+            select(projects.c.path, projects.c.id).where(projects.c.path.in_(paths))
+        ).all()
+        return {r.path: r.id for r in found}
 
-    def _upsert_agent(self, conn: Connection, key: str, evts: list[Event]) -> int:
-        project = next(
-            (e.project_path for e in evts if e.agent_key == key and e.project_path), None
-        )
-        conn.execute(
-            pg_insert(agents)
-            .values(session_uuid=key, project_id=self._project_ids.get(project or ""))
-            .on_conflict_do_nothing()
-        )
-        return conn.execute(select(agents.c.id).where(agents.c.session_uuid == key)).scalar_one()
+    @staticmethod
+    def _upsert_agents(conn: Connection, keys: list[tuple[str, int | None]]) -> dict[str, int]:
+        rows = [{"session_uuid": k, "project_id": pid} for k, pid in keys]
+        conn.execute(pg_insert(agents).values(rows).on_conflict_do_nothing())
+        found = conn.execute(
+            select(agents.c.session_uuid, agents.c.id).where(
+                agents.c.session_uuid.in_([k for k, _ in keys])
+            )
+        ).all()
+        return {r.session_uuid: r.id for r in found}
 
     # ------------------------------------------------------------------ rejections
     def _invalid_rejection(self, event: Event, exc: InvalidEvent) -> Rejection:
@@ -574,18 +569,71 @@ class EventWriter:
             log.error("could not record rejected event", extra={"error": _describe(db_exc)})
 
 
+_SESSION_VALUE_COLUMNS = (
+    "session_uuid",
+    "state",
+    "epoch",
+    "registered_at",
+    "last_activity_at",
+    "project_path",
+    "project_id",
+    "agent_id",
+    "ended_at",
+    "end_reason",
+    "monitored",
+    "working_directory",
+    "iterm_pane_id",
+)
+
+
+@functools.cache
+def _session_activity_stmt() -> Any:
+    """Built once: constructing these per change cost ~2 ms each (a catch-up has thousands)."""
+    return (
+        sessions.update()
+        .where(
+            sessions.c.session_uuid == bindparam("uuid"),
+            sessions.c.state == "active",
+            sessions.c.epoch == bindparam("expected_epoch"),
+        )
+        .values(last_activity_at=func.greatest(sessions.c.last_activity_at, bindparam("at")))
+    )
+
+
+@functools.cache
+def _session_upsert_stmt(register: bool) -> Any:
+    """The guarded upsert of a ``register`` (row absent or ended with the expected epoch)
+    or an ``end`` (row active with the expected epoch); parameters named as the columns,
+    plus ``expected_epoch``. Returns the epoch, or no row when the guard failed."""
+    ins = pg_insert(sessions).values({c: bindparam(c) for c in _SESSION_VALUE_COLUMNS})
+    keep: dict[str, Any] = {c: ins.excluded[c] for c in _SESSION_VALUE_COLUMNS[1:]}
+    for key in ("project_id", "agent_id", "project_path", "working_directory", "iterm_pane_id"):
+        keep[key] = func.coalesce(ins.excluded[key], sessions.c[key])
+    if register:
+        keep["monitored"] = sessions.c.monitored | ins.excluded.monitored
+    want_state = "ended" if register else "active"
+    return ins.on_conflict_do_update(
+        index_elements=["session_uuid"],
+        set_=keep,
+        where=(sessions.c.state == want_state) & (sessions.c.epoch == bindparam("expected_epoch")),
+    ).returning(sessions.c.epoch)
+
+
 def _coalesce(changes: list[SessionChange]) -> list[SessionChange]:
     """One change per session and batch: an activity update folds into the change before it."""
     out: list[SessionChange] = []
     where: dict[str, int] = {}
+    latest: dict[int, SessionInfo] = {}  # folded activity: the last info wins (one replace)
     for ch in changes:
         key = ch.info.session_uuid
         at = where.get(key)
         if at is not None and ch.kind == "activity" and out[at].kind != "end":
-            out[at] = replace(out[at], info=ch.info)
+            latest[at] = ch.info
             continue
         where[key] = len(out)
         out.append(ch)
+    for at, info in latest.items():
+        out[at] = replace(out[at], info=info)
     return out
 
 

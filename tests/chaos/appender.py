@@ -16,9 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gen import TranscriptFile, TreeGen, partial_tail  # noqa: E402
+from gen import TranscriptFile, TreeGen, partial_tail  # run as a script: its folder is on sys.path
 
 
 def append_lines(

@@ -298,7 +298,8 @@ def check(
         rep.lines += len(prefix)
         if src.lines_committed != len(prefix):
             rep.add(
-                f"{path}: lines_committed {src.lines_committed} != {len(prefix)} lines below the checkpoint"
+                f"{path}: lines_committed {src.lines_committed} != "
+                f"{len(prefix)} lines below the checkpoint"
             )
         _check_generation(
             rep,
@@ -340,7 +341,7 @@ def assert_exact(engine: Engine, files: dict[Path, bytes] | Iterable[Path], **kw
 
 
 def transcript_files(root: Path) -> list[Path]:
-    """Every watched file under ``root`` (``<project>/*.jsonl``, ``<project>/<uuid>/subagents/*.jsonl``)."""
+    """Every watched file: ``<project>/*.jsonl`` and ``<project>/<uuid>/subagents/*.jsonl``."""
     return sorted([*root.glob("*/*.jsonl"), *root.glob("*/*/subagents/*.jsonl")])
 
 

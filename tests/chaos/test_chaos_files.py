@@ -67,6 +67,7 @@ def test_truncate_delete_replace_while_reading(chaos_env: ChaosEnv, exactly_once
     registrations: dict[str, int] = {}
     closed: set[str] = set()
     mid_read = 0
+
     def being_read() -> tuple[str, TranscriptFile, int] | None:
         """A victim the watcher has started on, preferably one it is in the middle of."""
         assert w.alive(), w.log()
@@ -142,7 +143,12 @@ def test_truncate_delete_replace_while_reading(chaos_env: ChaosEnv, exactly_once
 
     # The same while the service is down: found at start-up, not through inotify.
     present = [tf for case, tf in victims if case != "delete"] + gen.files
-    for case in ("truncate_rewrite", "truncate_shorter_append", "rename_different", "rename_same_copy"):
+    for case in (
+        "truncate_rewrite",
+        "truncate_shorter_append",
+        "rename_different",
+        "rename_same_copy",
+    ):
         tf = rng.choice([t for t in present if t.path.stat().st_size > 0])
         present.remove(tf)
         old = tf.path.read_bytes()
@@ -173,5 +179,5 @@ def test_truncate_delete_replace_while_reading(chaos_env: ChaosEnv, exactly_once
     exactly_once(env.engine, env.root, max_line_bytes=env.max_line)  # type: ignore[operator]
     print(
         f"[chaos] seed {seed}: {len(victims)} files changed while read ({mid_read} mid-read), "
-        f"{len(down)} while down: {down}"
+        f"{len(down)} while down ({', '.join(c for c, _p in down)})"
     )

@@ -89,8 +89,9 @@ def test_postgres_outages_while_appending(
             committed = env.committed()
             _wait_resumed(env, w, seed, committed)
             print(
-                f"[chaos] outage {i} ({how}): down {time.monotonic() - down_at:.1f}s, "
-                f"degraded seen (failed_writes={report.get('failed_writes')}), resumed"
+                f"[chaos] outage {i} ({how}): status degraded (failed_writes="
+                f"{report.get('failed_writes')}); writing again {time.monotonic() - down_at:.1f}s "
+                "after the stop"
             )
     finally:
         stop.set()
@@ -127,25 +128,28 @@ def test_postgres_restart_in_the_middle_of_a_large_batch(
     rng, seed = make_rng("PostgreSQL restart mid-batch")
     gen = TreeGen(rng, env.root, oversized_every=2999, max_line_bytes=env.max_line, long_text=0.05)
     files = gen.tree(30)
-    rounds = pick(2, 10)
+    backlog = pick(6, 30) << 20
+
+    def big_backlog() -> None:
+        written = 0
+        while written < backlog:
+            written += write_tree(gen, rng.sample(files, k=10), (200, 600))
+
+    big_backlog()  # the first scan finds it all: one large batch
     w = env.start()
+    rounds = pick(2, 10)
     for i in range(rounds):
-        # A big backlog appears at once (appended while the server is down, or a first scan).
-        while env.lag() < pick(6, 30) << 20:
-            write_tree(gen, rng.sample(files, k=10), (200, 600))
-        before = env.committed()
         # Wait for the COPY of a large batch to be on the wire, then pull the server.
         wait_for(lambda: not w.alive() or _copy_in_flight(pg), "a large COPY", timeout=60)
         time.sleep(rng.uniform(0, 0.15))  # fault schedule
         assert w.alive(), f"seed {seed}: {w.log()}"
         how = _stop_server(pg, rng)
         _wait_degraded(env, w, seed)
+        if i < rounds - 1:
+            big_backlog()  # appended during the outage: the reconnect starts with a big batch
         pg.start()
-        after = env.committed()
-        _wait_resumed(env, w, seed, after)
-        print(f"[chaos] round {i} ({how}): committed {before} -> {after} at the restart, resumed")
-        env.wait_caught_up(w, timeout=pick(60, 300))
-        assert_exact(env.engine, snapshot(env.root), max_line_bytes=env.max_line)
+        print(f"[chaos] round {i}: {how} during a COPY; committed then: {env.committed()} bytes")
+    env.wait_caught_up(w, timeout=pick(60, 300))
 
     exit_code, _took = w.term()
     assert exit_code == 0, w.log()

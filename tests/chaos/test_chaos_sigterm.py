@@ -31,8 +31,9 @@ def test_sigterm_storm_during_catch_up(chaos_env: ChaosEnv, exactly_once: object
     stops = pick(8, 100)
     worst = 0.0
     mid = 0
+    min_lag = 1_500_000
     for i in range(stops):
-        while env.lag() < 700_000:
+        while env.lag() < min_lag:
             write_tree(gen, rng.sample(gen.files, k=min(8, len(gen.files))), (20, 120))
         before = env.committed()
         w = env.start()
@@ -50,6 +51,7 @@ def test_sigterm_storm_during_catch_up(chaos_env: ChaosEnv, exactly_once: object
         code, took = w.term()
         worst = max(worst, took)
         mid += lag > 0
+        min_lag = max(min_lag, 2 * (env.committed() - before))  # a faster machine: more
         assert code == 0, f"seed {seed} stop {i}: exit code {code}\n{w.log()}"
         assert took <= env.shutdown_timeout + EXIT_MARGIN_S, (
             f"seed {seed} stop {i}: took {took:.2f}s\n{w.log()}"
@@ -69,7 +71,7 @@ def test_sigterm_storm_during_catch_up(chaos_env: ChaosEnv, exactly_once: object
         f"[chaos] seed {seed}: {stops} SIGTERMs ({mid} mid-catch-up), slowest exit {worst:.2f}s; "
         f"{rep.lines} lines, {rep.turns} turns, {rep.rejects} rejected"
     )
-    assert mid >= stops * 0.9
+    assert mid >= stops * 0.75, f"seed {seed}: only {mid}/{stops} stops landed mid-catch-up"
 
 
 def _rows_by_source(env: ChaosEnv) -> tuple[dict[str, int], set[tuple[int, int, int, str]]]:
@@ -80,20 +82,30 @@ def _rows_by_source(env: ChaosEnv) -> tuple[dict[str, int], set[tuple[int, int, 
     return cps, rows
 
 
-@pytest.mark.parametrize("batch", pick(["default"], ["default", "small"]))
+def _connected(w: object) -> bool:
+    return "database reachable" in w.log()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("batch", pick(["default", "huge"], ["default", "huge", "small"]))
 def test_sigterm_with_large_backlog_then_restart_stores_the_remainder(
     chaos_env: ChaosEnv, exactly_once: object, batch: str
 ) -> None:
     """Issue 5.2: SIGTERM mid-catch-up of a ≥ 20 MB backlog → exit 0 within 2 s; the
-    restart stores exactly what was not stored yet."""
+    restart stores exactly what was not stored yet.
+
+    ``default``: the shipped batch limits, signal after a commit; ``huge``: the whole backlog
+    is one batch, signal while its COPY is on the wire (the commit cannot finish in the
+    budget: the deadline rolls it back); ``small``: 50-line batches."""
     env = chaos_env
     if batch == "default":  # the shipped limits: one batch is thousands of lines, megabytes
         env.configure(file_watcher={"batch_max_lines": 5000, "batch_max_bytes": 16 << 20})
+    elif batch == "huge":
+        env.configure(file_watcher={"batch_max_lines": 1_000_000, "batch_max_bytes": 1 << 30})
     rng, seed = make_rng(f"SIGTERM with a large backlog ({batch} batches)")
     # Some turns of a few KB (pasted tool output): batches reach the byte limit, and a
     # commit can outlast the stop budget (the deadline path: roll back, exit, re-read).
     gen = TreeGen(rng, env.root, oversized_every=4999, max_line_bytes=env.max_line, long_text=0.1)
-    target = pick(20, 100) << 20
+    target = (pick(48, 100) if batch == "huge" else pick(20, 100)) << 20
     files = gen.tree(pick(40, 120))
 
     rounds = pick(2, 6)
@@ -103,13 +115,16 @@ def test_sigterm_with_large_backlog_then_restart_stores_the_remainder(
         total = env.lag()
         before = env.committed()
         w = env.start()
-        wait_for(
-            lambda w=w, b=before: not w.alive() or env.committed() > b,
-            "progress",
-            timeout=60,
-            details=w.log,
-        )
-        time.sleep(rng.uniform(0, 0.3))  # fault schedule
+        if batch == "huge":  # as soon as it starts on its one big batch
+            wait_for(lambda w=w: not w.alive() or _connected(w), "the connection", timeout=60)
+        else:
+            wait_for(
+                lambda w=w, b=before: not w.alive() or env.committed() > b,
+                "progress",
+                timeout=60,
+                details=w.log,
+            )
+        time.sleep(rng.uniform(0, 0.1))  # fault schedule: the next batch is being built/written
         code, took = w.term()
         assert code == 0, f"seed {seed}: exit code {code}\n{w.log()}"
         # The issue's bar: exit within 2 s of the signal (shutdown_timeout_seconds).
@@ -133,7 +148,7 @@ def test_sigterm_with_large_backlog_then_restart_stores_the_remainder(
     assert code == 0, w.log()
     rep = assert_exact(env.engine, snapshot(env.root), max_line_bytes=env.max_line)
     exactly_once(env.engine, env.root, max_line_bytes=env.max_line)  # type: ignore[operator]
-    cps, rows = _rows_by_source(env)
+    _cps, rows = _rows_by_source(env)
     assert rows_at_stop <= rows
     ids = {s.id: p for p, s in DbView.load(env.engine).sources.items()}
     early = [r for r in rows - rows_at_stop if r[2] < cps_at_stop.get(ids[r[0]], 0)]
