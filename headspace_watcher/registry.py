@@ -24,19 +24,7 @@ log = logging.getLogger(__name__)
 def _current(writer: EventWriter, session_uuid: str) -> SessionInfo | None:
     with writer.engine.connect() as conn:
         r = conn.execute(select(sessions).where(sessions.c.session_uuid == session_uuid)).first()
-    if r is None:
-        return None
-    return SessionInfo(
-        r.session_uuid,
-        r.state,
-        r.epoch,
-        r.registered_at,
-        r.last_activity_at,
-        r.project_path,
-        r.monitored,
-        r.working_directory,
-        r.iterm_pane_id,
-    )
+    return None if r is None else SessionInfo.from_row(r)
 
 
 def register_session(

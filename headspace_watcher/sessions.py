@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine, select
 
@@ -28,6 +29,21 @@ class SessionInfo:
     monitored: bool = False
     working_directory: str | None = None
     iterm_pane_id: str | None = None
+
+    @classmethod
+    def from_row(cls, r: Any) -> SessionInfo:
+        """From a ``sessions`` table row."""
+        return cls(
+            r.session_uuid,
+            r.state,
+            r.epoch,
+            r.registered_at,
+            r.last_activity_at,
+            r.project_path,
+            r.monitored,
+            r.working_directory,
+            r.iterm_pane_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +74,7 @@ class SessionTracker:
         """Adopt the durable state, so a restart neither re-registers nor forgets timers."""
         with engine.connect() as conn:
             rows = conn.execute(select(sessions)).all()
-        self._known = {
-            r.session_uuid: SessionInfo(
-                r.session_uuid,
-                r.state,
-                r.epoch,
-                r.registered_at,
-                r.last_activity_at,
-                r.project_path,
-                r.monitored,
-            )
-            for r in rows
-        }
+        self._known = {r.session_uuid: SessionInfo.from_row(r) for r in rows}
         self._refresh_next()
 
     def get(self, session_uuid: str) -> SessionInfo | None:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import yaml
 from sqlalchemy import Engine, text
+from watcher_helpers import wait_for as _wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "headspace-watcher"
@@ -52,16 +53,8 @@ def wait_for(
     timeout: float = 30.0,
     details: Callable[[], str] | None = None,
 ) -> T:
-    """Poll ``predicate`` until it returns a truthy value (returned), or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{details()}" if details else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(POLL_S)  # poll interval, bounded by the deadline
+    """``watcher_helpers.wait_for`` with the chaos suite's longer default deadline."""
+    return _wait_for(predicate, what, timeout=timeout, details=details)
 
 
 # ---------------------------------------------------------------------- configuration
