@@ -7,11 +7,16 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from headspace_watcher import __version__
-from headspace_watcher.config import Config, ConfigError, load_config, mask_url
+
+if TYPE_CHECKING:
+    from headspace_watcher.config import Config
 
 EXIT_CONFIG = 2
 log = logging.getLogger("headspace_watcher")
@@ -39,6 +44,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from headspace_watcher.config import load_config
+
     return load_config(args.config)
 
 
@@ -47,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     _setup_logging(config.raw["logging"]["level"])
-    code = Service(config).run(once=args.once)
+    code = Service(config).run(once=args.once, early_signal=args.early_signal)
     if getattr(args, "exit_now", False):
         _exit_now(code)
     return code
@@ -75,6 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
+    from headspace_watcher import config as config_mod
     from headspace_watcher.db import init_db, make_engine
 
     config = _config(args)
@@ -85,7 +93,7 @@ def cmd_init_db(args: argparse.Namespace) -> int:
         version = init_db(engine)
     finally:
         engine.dispose()
-    print(f"schema version {version} ready at {mask_url(url)}")
+    print(f"schema version {version} ready at {config_mod.mask_url(url)}")
     return 0
 
 
@@ -139,6 +147,7 @@ def cmd_unregister(args: argparse.Namespace) -> int:
 
 def cmd_setup(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL data dir + schema when no external database is configured."""
+    from headspace_watcher import config as config_mod
     from headspace_watcher import pgserver
     from headspace_watcher.db import init_db, make_engine
 
@@ -160,8 +169,25 @@ def cmd_setup(args: argparse.Namespace) -> int:
             init_db(engine)
         finally:
             engine.dispose()
-        print(f"schema ready at {mask_url(config.resolved_database_url())}")
+        print(f"schema ready at {config_mod.mask_url(config.resolved_database_url())}")
     return 0
+
+
+def _catch_early_stop() -> list[int]:
+    """Remember a SIGTERM/SIGINT that arrives while the service is still importing.
+
+    Installed before the heavy imports (SQLAlchemy, psycopg: ~0.5 s), so a stop during
+    start-up is a graceful stop (exit 0), not death by signal; the service acts on it as soon
+    as its own handlers are in place.
+    """
+    seen: list[int] = []
+
+    def remember(signum: int, _frame: FrameType | None) -> None:
+        seen.append(signum)
+
+    signal.signal(signal.SIGTERM, remember)
+    signal.signal(signal.SIGINT, remember)
+    return seen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.exit_now = argv is None  # the real process (console script), not an in-process call
+    args.early_signal = _catch_early_stop() if args.exit_now and args.command == "run" else None
+    from headspace_watcher.config import ConfigError
+
     try:
         return int(args.func(args))
     except ConfigError as exc:

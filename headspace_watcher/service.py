@@ -147,8 +147,11 @@ class Service:
         self._untrimmed = 0  # bytes ingested since the last _release_free_memory()
 
     # ================================================================== lifecycle
-    def run(self, once: bool = False) -> int:
+    def run(self, once: bool = False, early_signal: list[int] | None = None) -> int:
+        """``early_signal``: stop signals caught before this object existed (start-up)."""
         self._install_signals()
+        if early_signal:
+            self._on_stop_signal(early_signal[0], None)
         previous_pid = health.read_pid(self.config.state_dir)
         health.write_pid(self.config.state_dir)
         try:
