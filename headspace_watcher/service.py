@@ -248,7 +248,14 @@ class Service:
         self.db_ready = True
         self.db_failures = 0
         if self.state != "healthy":
-            log.info("database reachable; ingesting", extra={"database": mask_url(self.url)})
+            log.info(
+                "ready: database reachable; ingesting",
+                extra={
+                    "database": mask_url(self.url),
+                    "transcripts_found": len(self.dirty) + len(self.files),
+                    "sessions_active": self.tracker.active_count,
+                },
+            )
         self.state = "healthy"
         self._mark_all_dirty()
         return True
