@@ -1,4 +1,4 @@
-"""Shared plumbing of the service benchmarks (catchup, latency, idle): not a benchmark itself.
+"""Shared plumbing of the service benchmarks (writer, catchup, latency, idle, soak): not one itself.
 
 * a throwaway PostgreSQL (``PgCluster`` in a temp dir, fsync on) or, when
   ``HEADSPACE_BENCH_DATABASE_URL`` is set, fresh databases on that server;
@@ -89,6 +89,23 @@ def server() -> Iterator[Server]:
         yield Server(cluster, f"own throwaway PgCluster in {base} (fsync on)")
     finally:
         cluster.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[tuple[Server, str]]:
+    """``server()`` and one fresh database on it: (the server, the database's SQLAlchemy URL)."""
+    with server() as srv:
+        yield srv, srv.fresh(prefix)
+
+
+@contextlib.contextmanager
+def workdir(name: str) -> Iterator[Path]:
+    """A temporary directory under /tmp for one benchmark's tree, state and log; removed after."""
+    base = Path(tempfile.mkdtemp(prefix=f"headspace-bench-{name}-", dir="/tmp"))
+    try:
+        yield base
+    finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -651,6 +668,17 @@ def start_service(
         )
 
 
+@contextlib.contextmanager
+def running_service(url: str, projects: Path, base: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``headspace-watcher run`` (state and ``watcher.log`` in ``base``); SIGTERM after."""
+    proc = start_service(url, projects, base / "state", base / "watcher.log")
+    try:
+        yield proc
+    finally:
+        code = stop_service(proc)
+        print(f"watcher stopped with SIGTERM: exit {code}")
+
+
 def stop_service(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int | None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -692,13 +720,15 @@ def wait_caught_up(
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS/VmHWM (kB) and context switches from /proc/<pid>/status."""
+    """VmRSS/VmHWM (kB) and context switches from /proc/<pid>/status; open fds as "fds"."""
     out: dict[str, int] = {}
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
                 out[key] = int(value.split()[0])
+    with contextlib.suppress(OSError):
+        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
     return out
 
 

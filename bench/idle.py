@@ -17,9 +17,7 @@ throwaway PostgreSQL (fsync on) unless ``HEADSPACE_BENCH_DATABASE_URL`` is set.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,17 +25,17 @@ import psycopg
 
 from bench._common import (
     cpu_seconds,
+    fresh_database,
     generate_tree,
     header,
     libpq,
     log_tail,
     proc_status,
-    server,
-    start_service,
-    stop_service,
+    running_service,
     verdict,
     wait_caught_up,
     watcher_bin,
+    workdir,
 )
 
 RSS_BAR_MB = 60.0
@@ -58,24 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.mb, args.seconds = min(args.mb, 3.0), min(args.seconds, 10.0)
 
-    base = Path(tempfile.mkdtemp(prefix="headspace-bench-idle-", dir="/tmp"))
-    tree = base / "projects"
-    log = base / "watcher.log"
-    try:
+    with workdir("idle") as base:
+        tree = base / "projects"
         stats = generate_tree(tree, args.mb, args.seed, recent=0.33)
-        with server() as srv:
-            url = srv.fresh("idle")
+        with fresh_database("idle") as (srv, url):
             header("idle", url, srv)
             print(f"data:     {stats.describe()}")
             print(f"watcher:  {watcher_bin()} run (live), idle {args.seconds:.0f} s\n", flush=True)
-            proc = start_service(url, tree, base / "state", log)
-            try:
-                return _measure(args, url, proc, stats, log)
-            finally:
-                code = stop_service(proc)
-                print(f"watcher stopped with SIGTERM: exit {code}")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+            with running_service(url, tree, base) as proc:
+                return _measure(args, url, proc, stats, base / "watcher.log")
 
 
 def _measure(args: argparse.Namespace, url: str, proc, stats, log: Path) -> int:  # type: ignore[no-untyped-def]

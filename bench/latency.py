@@ -27,9 +27,7 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -40,17 +38,17 @@ import psycopg
 
 from bench._common import (
     TranscriptFactory,
+    fresh_database,
     generate_tree,
     header,
     libpq,
     log_tail,
     pct,
-    server,
-    start_service,
-    stop_service,
+    running_service,
     verdict,
     wait_caught_up,
     watcher_bin,
+    workdir,
 )
 
 BAR_MS = 50.0
@@ -210,13 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         args.appends = min(args.appends, 200)
         args.mb = min(args.mb, 1.0)
 
-    base = Path(tempfile.mkdtemp(prefix="headspace-bench-latency-", dir="/tmp"))
-    tree = base / "projects"
-    log = base / "watcher.log"
-    try:
+    with workdir("latency") as base:
+        tree = base / "projects"
         stats = generate_tree(tree, args.mb, args.seed, recent=0.5)
-        with server() as srv:
-            url = srv.fresh("latency")
+        with fresh_database("latency") as (srv, url):
             header("latency", url, srv)
             print(f"data:     tree at start: {stats.describe()}")
             print(
@@ -224,14 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"(3 sessions, 2 sub-agents), one write() each"
             )
             print(f"watcher:  {watcher_bin()} run (live)\n", flush=True)
-            proc = start_service(url, tree, base / "state", log)
-            try:
-                return _run(args, url, proc, stats, tree, log)
-            finally:
-                code = stop_service(proc)
-                print(f"watcher stopped with SIGTERM: exit {code}")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+            with running_service(url, tree, base) as proc:
+                return _run(args, url, proc, stats, tree, base / "watcher.log")
 
 
 def _run(args: argparse.Namespace, url: str, proc: Any, stats: Any, tree: Path, log: Path) -> int:
