@@ -34,9 +34,9 @@ DEFAULTS: dict[str, Any] = {
         "mode": "all",
         "inactivity_timeout": 5400,
         "max_line_bytes": 64 * 1024 * 1024,
-        "read_chunk_bytes": 1024 * 1024,
+        "read_chunk_bytes": 256 * 1024,
         "batch_max_lines": 1000,
-        "batch_max_bytes": 2 * 1024 * 1024,
+        "batch_max_bytes": 1024 * 1024,
     },
     "event_system": {
         "write_retry_attempts": 3,

@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 __all__ = ["FileContext", "LineOutcome", "file_context", "parse_line"]
 
 OutcomeKind = Literal["turn", "skip", "reject"]
@@ -220,34 +222,64 @@ def parse_line(
     (injectable so tests are deterministic).
     """
     try:
-        return _parse_line(raw, ctx, now)
+        return _parse_line(raw, ctx, now, fast=True)
     except Exception as exc:  # the contract: a line never crashes the service
         return _reject(f"parser_error: {type(exc).__name__}: {exc}")
 
 
-def _parse_line(raw: bytes, ctx: FileContext, now: Callable[[], datetime]) -> LineOutcome:
+def _parse_line(
+    raw: bytes, ctx: FileContext, now: Callable[[], datetime], *, fast: bool
+) -> LineOutcome:
     if raw[-1:] == b"\r":
         raw = raw[:-1]
+    obj: Any = None
+    if fast:
+        # orjson first: ~2.5x faster than json and, for every document it accepts, the same
+        # value, except integers beyond 64 bits (a float: see the usage counts below). What
+        # it refuses (invalid UTF-8, NaN/Infinity, escaped lone surrogates, deep nesting,
+        # blank lines) takes the standard path, which decides and words the outcome.
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            fast = False
+    if not fast:
+        obj, outcome = _decode_json(raw, ctx)
+        if outcome is not None:
+            return outcome
+    if not isinstance(obj, dict):
+        kind = _JSON_TYPE_NAMES.get(type(obj), type(obj).__name__)
+        return _reject(f"not_an_object: top-level JSON value is {kind}")
+    return _classify(obj, raw, ctx, now, fast)
+
+
+def _decode_json(raw: bytes, ctx: FileContext) -> tuple[Any, LineOutcome | None]:
+    """The standard library's parse of ``raw``: (the value, None) or (None, the outcome)."""
     try:
         # Decode explicitly rather than handing bytes to json.loads: json would also accept
         # UTF-16/32 and a UTF-8 BOM, and this costs the same single pass.
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return _reject(f"invalid_utf8: {exc.reason} at byte {exc.start}")
+        return None, _reject(f"invalid_utf8: {exc.reason} at byte {exc.start}")
     if not text or text.isspace():
-        return LineOutcome(kind="skip", session_uuid=ctx.session_hint)
+        return None, LineOutcome(kind="skip", session_uuid=ctx.session_hint)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return _reject(f"invalid_json: {exc.msg} at col {exc.colno}")
+        return None, _reject(f"invalid_json: {exc.msg} at col {exc.colno}")
     except RecursionError:
-        return _reject("too_deeply_nested: JSON nesting exceeds the parser's recursion limit")
+        return None, _reject("too_deeply_nested: JSON nesting exceeds the parser's recursion limit")
     except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
-        return _reject(f"invalid_json: {exc}")
-    if not isinstance(obj, dict):
-        kind = _JSON_TYPE_NAMES.get(type(obj), type(obj).__name__)
-        return _reject(f"not_an_object: top-level JSON value is {kind}")
+        return None, _reject(f"invalid_json: {exc}")
+    return obj, None
 
+
+def _classify(
+    obj: dict[str, Any],
+    raw: bytes,
+    ctx: FileContext,
+    now: Callable[[], datetime],
+    fast: bool,
+) -> LineOutcome:
     get = obj.get
     session_id = get("sessionId")
     line_session = session_id if isinstance(session_id, str) and session_id else None
@@ -340,9 +372,14 @@ def _parse_line(raw: bytes, ctx: FileContext, now: Callable[[], datetime]) -> Li
         payload["tool_uses"] = tool_uses
     usage = message.get("usage")
     if isinstance(usage, dict):
-        counts = {
-            key: value for key in _USAGE_KEYS if type(value := usage.get(key)) is int and value >= 0
-        }
+        counts: dict[str, int] = {}
+        for key in _USAGE_KEYS:
+            value = usage.get(key)
+            if type(value) is int:
+                if value >= 0:
+                    counts[key] = value
+            elif fast and type(value) is float:  # maybe an integer beyond 64 bits
+                return _parse_line(raw, ctx, now, fast=False)
         if counts:
             payload["usage"] = counts
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headspace_watcher.schemas import validate_payload
-from headspace_watcher.transcript import LineOutcome, file_context, parse_line
+from headspace_watcher.transcript import LineOutcome, _parse_line, file_context, parse_line
 
 ROOT = "/home/u/.claude/projects"
 CTX = file_context(f"{ROOT}/-home-u-proj/0b7a6d3e-1c2f-4a5b-9c8d-7e6f5a4b3c2d.jsonl", ROOT)
@@ -251,3 +251,61 @@ def test_unstorable_characters_are_replaced_and_flagged(text: str, escape: bool)
     assert outcome.payload["text"] == replace_unstorable(seen)
     unstorable = replace_unstorable(seen) != seen
     assert outcome.payload.get("sanitized", False) is unstorable
+
+
+# --- the orjson fast path decides exactly as the standard library would
+
+wide_ints = st.integers(min_value=-(2**80), max_value=2**80)
+wide_usage = st.dictionaries(
+    st.sampled_from(["input_tokens", "output_tokens", "cache_creation_input_tokens"]),
+    wide_ints | st.floats(allow_nan=True, allow_infinity=True),
+    max_size=3,
+)
+
+
+def standard(raw: bytes, ctx: Any) -> LineOutcome:
+    return _parse_line(raw, ctx, fixed_now, fast=False)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=400), ctx=contexts)
+def test_fast_parse_agrees_with_standard_on_arbitrary_bytes(raw: bytes, ctx: Any) -> None:
+    assert parse_line(raw, ctx, now=fixed_now) == standard(raw, ctx)
+
+
+@FUZZ
+@given(
+    obj=line_objects,
+    usage=wide_usage,
+    extra=wide_ints | st.floats(allow_nan=True, allow_infinity=True),
+    ascii_only=st.booleans(),
+    crlf=st.booleans(),
+    ctx=contexts,
+)
+def test_fast_parse_agrees_with_standard_on_json_lines(
+    obj: dict[str, Any],
+    usage: dict[str, Any],
+    extra: Any,
+    ascii_only: bool,
+    crlf: bool,
+    ctx: Any,
+) -> None:
+    obj = {**obj, "extra": extra}
+    if isinstance(obj["message"], dict):
+        obj["message"] = {**obj["message"], "usage": usage}
+    raw = serialise(obj, ascii_only, crlf)
+
+    assert parse_line(raw, ctx, now=fixed_now) == standard(raw, ctx)
+
+
+def test_usage_beyond_64_bits_is_kept_exact() -> None:
+    big = 2**70
+    raw = json.dumps(
+        {"type": "assistant", "message": {"content": "hi", "usage": {"input_tokens": big}}}
+    ).encode()
+
+    outcome = parse_line(raw, CTX, now=fixed_now)
+
+    assert outcome.payload is not None
+    assert outcome.payload["usage"] == {"input_tokens": big}
+    assert type(outcome.payload["usage"]["input_tokens"]) is int

@@ -575,3 +575,19 @@ def test_server_crash_mid_stream_every_batch_stored_exactly_once(
     assert state.lines_committed == lines
     assert scalar(engine, "SELECT count(*) FROM rejected_events") == 0
     engine.dispose()
+
+
+def test_batch_payloads_are_stored_exactly_including_wide_integers(
+    engine: Engine, writer: EventWriter
+) -> None:
+    """The fast serialiser of turn payloads must store what the standard one would."""
+    source = register(engine)
+    events = [turn(i, source, text_value=f'"quoted" \\ é 😀 \u2028 \x1f {i}') for i in range(3)]
+    events[1].payload["usage"] = {"input_tokens": 2**70, "output_tokens": 2**63}
+    expected = [dict(e.payload) for e in events]
+
+    writer.write_batch(batch_for(source, 0, events))
+
+    stored = [r.payload for r in rows(engine, "SELECT payload FROM events ORDER BY source_offset")]
+    assert stored == expected
+    assert stored[1]["usage"]["input_tokens"] == 2**70
