@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 4
 RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
+# source_seq of an unreadable-file record: its position is the checkpoint the read failed at,
+# set apart from the lines' own sequence numbers (0 and 1) at that offset.
+UNREADABLE_SEQ = -1
 TRIM_AFTER_BYTES = 1 << 20  # ingested since the last malloc_trim (see _release_free_memory)
 _LOCK_NAMESPACE = 0x4853  # "HS"
 
@@ -684,7 +687,13 @@ class Service:
         if tf is not None:
             tf.error = reason
         log.error("cannot read transcript", extra={"path": path, "error": reason})
-        batch.rejections.append(Rejection(reason, b"", path, None, 0))
+        position = None
+        if tf is not None:  # one record per file and checkpoint, across restarts too
+            src = tf.source
+            position = SourcePosition(
+                src.source_id, src.generation, src.committed_offset, UNREADABLE_SEQ
+            )
+        batch.rejections.append(Rejection(reason, b"", path, None, 0, position))
 
     # ================================================================== sessions
     def _end_due_sessions(self) -> bool:

@@ -356,10 +356,19 @@ def test_unreadable_file_is_recorded_once_then_ingested_when_readable(
     os.chmod(locked, 0)
     cfg = write_config(tmp_path, database_url, projects)
 
-    service = live(cfg, unprivileged_prefix())
+    first = live(cfg, unprivileged_prefix())
     wait_for(lambda: db.rejected(locked), what="the unreadable_file row")
     wait_for(lambda: len(db.turns(ok_session)) == 2, what="the readable file")
-    assert "cannot read transcript" in service.output and "Permission denied" in service.output
+    assert "cannot read transcript" in first.output and "Permission denied" in first.output
+    assert first.stop() == 0
+
+    # A restart still unable to read it logs again but adds no second record.
+    service = live(cfg, unprivileged_prefix())
+    wait_for(lambda: "cannot read transcript" in service.output, what="the second run's error")
+    with ok.open("ab") as f:  # committed after the attempt to record the error again
+        f.write(turn(ok_session))
+    wait_for(lambda: len(db.turns(ok_session)) == 3, what="a line appended after the restart")
+    assert len(db.rejected(locked)) == 1
     if os.geteuid() == 0:  # root here may still write it: a change must not add a second row
         write(locked, turn(locked_session, "two"))
         time.sleep(0.5)
@@ -370,7 +379,7 @@ def test_unreadable_file_is_recorded_once_then_ingested_when_readable(
     wait_for(lambda: len(db.turns(locked_session)) == len(expected), what="ingest after chmod")
 
     [(source_path, offset, _raw, raw_length, reason)] = db.rejected()
-    assert (source_path, offset, raw_length) == (str(locked), None, 0)
+    assert (source_path, offset, raw_length) == (str(locked), 0, 0)  # offset: the checkpoint
     assert reason.startswith("unreadable_file") and "Permission denied" in reason
     assert sorted(t["text"] for t in db.turns(locked_session)) == expected
     db.assert_accounted(ok, locked)
