@@ -289,7 +289,9 @@ def _classify(
     agent_id = get("agentId")
     agent_key = agent_id if isinstance(agent_id, str) and agent_id else ctx.subagent_hint
     timestamp = _parse_timestamp(get("timestamp"))
-    suspicious = _may_hold_unstorable(raw)
+    # orjson refuses escaped lone surrogates, so on its path only a \u0000 escape can yield
+    # something jsonb refuses.
+    suspicious = b"\\u0000" in raw if fast else _may_hold_unstorable(raw)
 
     outcome = LineOutcome(
         kind="skip",

@@ -152,6 +152,22 @@ def _dumps_turn(payload: dict[str, Any]) -> str:
         return _dumps(payload)
 
 
+@dataclass(slots=True)
+class _NewRefs:
+    """Reference ids an attempt created, and the events it gave ids to (undone on failure)."""
+
+    projects: dict[str, int] = field(default_factory=dict)
+    agents: dict[str, int] = field(default_factory=dict)
+    assigned: list[Event] = field(default_factory=list)
+    assigned_agents: list[Event] = field(default_factory=list)
+
+    def forget(self) -> None:
+        for e in self.assigned:
+            e.project_id = None
+        for e in self.assigned_agents:
+            e.agent_id = None
+
+
 class EventWriter:
     """Stores events exactly once; see the module docstring for the guarantees."""
 
@@ -222,15 +238,19 @@ class EventWriter:
     ) -> WriteResult:
         delays = self.retry.delays()
         while True:
+            refs = _NewRefs()
             try:
-                self._resolve_ids(evts)
                 with self.engine.begin() as conn:
+                    self._resolve_ids(conn, evts, refs)
                     result = attempt(conn)
+                self._project_ids.update(refs.projects)  # committed: safe to reuse
+                self._agent_ids.update(refs.agents)
                 self._account(result)
                 return result
-            except CheckpointConflict:
-                raise
-            except Exception as exc:
+            except BaseException as exc:
+                refs.forget()  # ids of rolled-back rows must not stick to the events
+                if isinstance(exc, CheckpointConflict) or not isinstance(exc, Exception):
+                    raise
                 if not is_transient(exc):
                     raise
                 self.metrics.last_error = _describe(exc)
@@ -501,35 +521,36 @@ class EventWriter:
         )
 
     # ------------------------------------------------------------------ reference data
-    def _resolve_ids(self, evts: list[Event]) -> None:
-        """Upsert projects/agents first, in their own transaction (idempotent reference data).
+    def _resolve_ids(self, conn: Connection, evts: list[Event], refs: _NewRefs) -> None:
+        """Upsert the batch's new projects/agents first in its transaction, before any lock.
 
-        All new ones of a batch in one statement per table (a catch-up sees hundreds).
+        All new ones of a batch in one statement per table (a catch-up sees hundreds). In the
+        batch's transaction rather than one of their own, which cost a second commit (an
+        fsync) per batch of a catch-up. First, before the checkpoint guard's row locks, so two
+        writers racing for the same sources take their locks in the same order.
         """
         paths = {e.project_path for e in evts if e.project_path} - self._project_ids.keys()
         keys = {e.agent_key for e in evts if e.agent_key} - self._agent_ids.keys()
-        if paths or keys:
-            project_ids: dict[str, int] = {}
-            agent_ids: dict[str, int] = {}
-            with self.engine.begin() as conn:
-                if paths:
-                    project_ids = self._upsert_projects(conn, sorted(paths))
-                if keys:
-                    project_of: dict[str, str] = {}
-                    for e in evts:
-                        if e.agent_key in keys and e.project_path:
-                            project_of.setdefault(e.agent_key, e.project_path)
-                    known = self._project_ids | project_ids
-                    agent_ids = self._upsert_agents(
-                        conn, [(k, known.get(project_of.get(k, ""))) for k in sorted(keys)]
-                    )
-            self._project_ids.update(project_ids)
-            self._agent_ids.update(agent_ids)
+        if paths:
+            refs.projects = self._upsert_projects(conn, sorted(paths))
+        if keys:
+            project_of: dict[str, str] = {}
+            for e in evts:
+                if e.agent_key in keys and e.project_path:
+                    project_of.setdefault(e.agent_key, e.project_path)
+            known = self._project_ids | refs.projects
+            refs.agents = self._upsert_agents(
+                conn, [(k, known.get(project_of.get(k, ""))) for k in sorted(keys)]
+            )
+        project_ids = self._project_ids | refs.projects if refs.projects else self._project_ids
+        agent_ids = self._agent_ids | refs.agents if refs.agents else self._agent_ids
         for e in evts:
             if e.project_id is None and e.project_path:
-                e.project_id = self._project_ids[e.project_path]
+                e.project_id = project_ids[e.project_path]
+                refs.assigned.append(e)
             if e.agent_id is None and e.agent_key:
-                e.agent_id = self._agent_ids[e.agent_key]
+                e.agent_id = agent_ids[e.agent_key]
+                refs.assigned_agents.append(e)
 
     @staticmethod
     def _upsert_projects(conn: Connection, paths: list[str]) -> dict[str, int]:

@@ -591,3 +591,34 @@ def test_batch_payloads_are_stored_exactly_including_wide_integers(
     stored = [r.payload for r in rows(engine, "SELECT payload FROM events ORDER BY source_offset")]
     assert stored == expected
     assert stored[1]["usage"]["input_tokens"] == 2**70
+
+
+def test_connection_lost_after_new_references_retries_with_fresh_ids(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Projects/agents upserted in a batch's transaction vanish with its rollback: the retry
+    must create them again, not reuse the ids of the rolled-back rows."""
+    source = register(engine)
+    sleeps = SleepRecorder()
+    writer = EventWriter(engine, retry=RetryPolicy(attempts=3, base_delay=0.01), sleep=sleeps)
+    real_guard = writer._check_guard
+    killed: list[int] = []
+
+    def guard_after_losing_the_connection(conn: Connection, advances: Any) -> None:
+        if not killed:  # a real fault: the server ends this session mid-transaction
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            killed.append(pid)
+            scalar(engine, "SELECT pg_terminate_backend(:p)", p=pid)
+        real_guard(conn, advances)
+
+    monkeypatch.setattr(writer, "_check_guard", guard_after_losing_the_connection)
+    result = writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(3)]))
+
+    assert result.written == 3 and len(sleeps.delays) == 1
+    stored = rows(
+        engine,
+        "SELECT p.path, a.session_uuid FROM events e JOIN projects p ON p.id = e.project_id"
+        " JOIN agents a ON a.id = e.agent_id",
+    )
+    assert stored == [(PROJECT, SESSION)] * 3
+    assert writer._project_ids == {PROJECT: scalar(engine, "SELECT id FROM projects")}
