@@ -109,23 +109,29 @@ class RefIds:
         return aid
 
 
+def turn_rows(files: list[Path], refs: RefIds) -> Iterator[tuple[str, str, int | None, int | None]]:
+    """(turn_timestamp, payload JSON, project id, agent id) of every turn, in file order."""
+    for path in files:
+        with open(path, "rb") as f:
+            for line in f:
+                payload = turn_payload(json.loads(line))
+                if payload is None:
+                    continue
+                pid = refs.project(payload.get("cwd"))
+                aid = refs.agent(payload["session_uuid"], pid)
+                yield payload["turn_timestamp"], _dumps(payload), pid, aid
+
+
 def run_naive(url: str, files: list[Path]) -> tuple[float, int]:
     """One INSERT + COMMIT per turn. Returns (seconds, turns stored)."""
     turns = 0
     with psycopg.connect(libpq(url)) as conn, psycopg.connect(libpq(url)) as ref_conn:
         refs = RefIds(ref_conn)
         t0 = time.perf_counter()
-        for path in files:
-            with open(path, "rb") as f:
-                for line in f:
-                    payload = turn_payload(json.loads(line))
-                    if payload is None:
-                        continue
-                    pid = refs.project(payload.get("cwd"))
-                    aid = refs.agent(payload["session_uuid"], pid)
-                    conn.execute(INSERT_SQL, (payload["turn_timestamp"], _dumps(payload), pid, aid))
-                    conn.commit()
-                    turns += 1
+        for row in turn_rows(files, refs):
+            conn.execute(INSERT_SQL, row)
+            conn.commit()
+            turns += 1
         return time.perf_counter() - t0, turns
 
 
@@ -139,25 +145,10 @@ def run_floor(url: str, files: list[Path], *, streamed: bool) -> tuple[float, in
     with psycopg.connect(libpq(url)) as conn, psycopg.connect(libpq(url)) as ref_conn:
         refs = RefIds(ref_conn)
         t0 = time.perf_counter()
-
-        def rows() -> Iterator[tuple[Any, ...]]:
-            for path in files:
-                with open(path, "rb") as f:
-                    for line in f:
-                        payload = turn_payload(json.loads(line))
-                        if payload is None:
-                            continue
-                        pid = refs.project(payload.get("cwd"))
-                        aid = refs.agent(payload["session_uuid"], pid)
-                        yield (
-                            payload["turn_timestamp"],
-                            "turn_detected",
-                            _dumps(payload),
-                            pid,
-                            aid,
-                        )
-
-        source = rows() if streamed else list(rows())
+        rows = (
+            (ts, "turn_detected", doc, pid, aid) for ts, doc, pid, aid in turn_rows(files, refs)
+        )
+        source = rows if streamed else list(rows)
         turns = 0
         with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
             for row in source:
