@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 from sqlalchemy import Engine, text
+from watcher_helpers import wait_for
 
 from headspace_watcher.cli import main as cli_main
 from headspace_watcher.config import load_config
@@ -100,16 +101,6 @@ def run_once_in_process(cfg: Path) -> int:
         signal.set_wakeup_fd(-1)
         for s, handler in saved.items():
             signal.signal(s, handler)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 def unprivileged_prefix() -> list[str]:
@@ -325,7 +316,7 @@ def test_100mb_line_is_rejected_once_with_full_length_in_bounded_memory(
     assert load_config(cfg, env={}).file_watcher["max_line_bytes"] == 64 * 1024 * 1024
 
     service = live(cfg)
-    wait_for(lambda: len(db.turns(session)) == 2, what="the line after the long one")
+    wait_for(lambda: len(db.turns(session)) == 2, "the line after the long one")
     # VmHWM: the peak RSS of this process image only (a child's rusage after fork+exec would
     # also count the parent's pages at fork time)
     status = Path(f"/proc/{service.proc.pid}/status").read_text()
@@ -357,17 +348,17 @@ def test_unreadable_file_is_recorded_once_then_ingested_when_readable(
     cfg = write_config(tmp_path, database_url, projects)
 
     first = live(cfg, unprivileged_prefix())
-    wait_for(lambda: db.rejected(locked), what="the unreadable_file row")
-    wait_for(lambda: len(db.turns(ok_session)) == 2, what="the readable file")
+    wait_for(lambda: db.rejected(locked), "the unreadable_file row")
+    wait_for(lambda: len(db.turns(ok_session)) == 2, "the readable file")
     assert "cannot read transcript" in first.output and "Permission denied" in first.output
     assert first.stop() == 0
 
     # A restart still unable to read it logs again but adds no second record.
     service = live(cfg, unprivileged_prefix())
-    wait_for(lambda: "cannot read transcript" in service.output, what="the second run's error")
+    wait_for(lambda: "cannot read transcript" in service.output, "the second run's error")
     with ok.open("ab") as f:  # committed after the attempt to record the error again
         f.write(turn(ok_session))
-    wait_for(lambda: len(db.turns(ok_session)) == 3, what="a line appended after the restart")
+    wait_for(lambda: len(db.turns(ok_session)) == 3, "a line appended after the restart")
     assert len(db.rejected(locked)) == 1
     if os.geteuid() == 0:  # root here may still write it: a change must not add a second row
         write(locked, turn(locked_session, "two"))
@@ -376,7 +367,7 @@ def test_unreadable_file_is_recorded_once_then_ingested_when_readable(
     os.chmod(locked, 0o644)
     os.utime(locked)  # the touch: inotify ATTRIB/MODIFY on the folder watch
     expected = ["one", "two"] if os.geteuid() == 0 else ["one"]
-    wait_for(lambda: len(db.turns(locked_session)) == len(expected), what="ingest after chmod")
+    wait_for(lambda: len(db.turns(locked_session)) == len(expected), "ingest after chmod")
 
     [(source_path, offset, _raw, raw_length, reason)] = db.rejected()
     assert (source_path, offset, raw_length) == (str(locked), 0, 0)  # offset: the checkpoint
@@ -394,25 +385,25 @@ def test_folder_deleted_under_the_watcher(
     file_a = write(projects / "-proj-a" / f"{a}.jsonl", turn(a))
     file_b = write(projects / "-proj-b" / f"{b}.jsonl", turn(b))
     service = live(write_config(tmp_path, database_url, projects))
-    wait_for(lambda: db.turns(a) and db.turns(b), what="both projects")
+    wait_for(lambda: db.turns(a) and db.turns(b), "both projects")
 
     shutil.rmtree(file_a.parent)  # a project folder vanishes
     write(file_b, turn(b, "still flowing"))
-    wait_for(lambda: len(db.turns(b)) == 2, what="the other project to keep flowing")
-    wait_for(lambda: "session ended" in service.output, what="the session end log line")
+    wait_for(lambda: len(db.turns(b)) == 2, "the other project to keep flowing")
+    wait_for(lambda: "session ended" in service.output, "the session end log line")
     [ended] = db.events("session_ended")
     assert (ended["session_uuid"], ended["reason"]) == (a, "closed")
 
     a2 = new_session()  # the folder comes back with a new session
     file_a2 = write(projects / "-proj-a" / f"{a2}.jsonl", turn(a2, "back"))
-    wait_for(lambda: db.turns(a2), what="the recreated folder")
+    wait_for(lambda: db.turns(a2), "the recreated folder")
     db.assert_accounted(file_b, file_a2)
 
     shutil.rmtree(projects)  # the whole projects path vanishes, then comes back
-    wait_for(lambda: "projects path removed" in service.output, what="the root removal log")
+    wait_for(lambda: "projects path removed" in service.output, "the root removal log")
     c = new_session()
     file_c = write(projects / "-proj-c" / f"{c}.jsonl", turn(c, "root back"))
-    wait_for(lambda: db.turns(c), what="the recreated projects path")
+    wait_for(lambda: db.turns(c), "the recreated projects path")
 
     assert service.alive()
     assert "Traceback" not in service.output
@@ -474,13 +465,13 @@ def test_fifo_and_device_named_jsonl_do_not_block(
                          "--working-directory", "/p"]) == 0  # fmt: skip
 
     service = live(cfg)
-    wait_for(lambda: db.turns(session), what="the regular file")
+    wait_for(lambda: db.turns(session), "the regular file")
     write(real, turn(session, "two"))  # still flowing after meeting the FIFO
-    wait_for(lambda: len(db.turns(session)) == 2, what="appends after the FIFO")
+    wait_for(lambda: len(db.turns(session)) == 2, "appends after the FIFO")
     assert service.alive()
     db.assert_accounted(real)
     if mode == "all":
-        wait_for(lambda: len(db.rejected()) == 2, what="both non-regular files recorded")
+        wait_for(lambda: len(db.rejected()) == 2, "both non-regular files recorded")
         reasons = {Path(r[0]).name: r[4] for r in db.rejected()}
         assert set(reasons) == {"x.jsonl", "zero.jsonl"}
         assert all("not a regular file" in r for r in reasons.values())
@@ -644,8 +635,8 @@ def test_wrong_password_live_service_stays_up_degraded(
 
     service = live(cfg)
     status_file = tmp_path / "state" / "status.json"
-    wait_for(status_file.exists, what="status.json")
-    wait_for(lambda: service.output.count("password authentication failed") >= 1)
+    wait_for(status_file.exists, "status.json")
+    wait_for(lambda: "password authentication failed" in service.output, "the auth error")
     time.sleep(0.5)  # more retry rounds: still up, still degraded
     status = subprocess.run(
         [*CLI, "--config", str(cfg), "status", "--json"],

@@ -19,13 +19,14 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from circus.client import CircusClient
+from watcher_helpers import wait_for
 
 from headspace_watcher import circus_hooks
 
@@ -54,17 +55,6 @@ trap 'echo "int $(date +%s.%N)" >> "{log}"; exit 0' INT
 while :; do sleep 0.05; done
 """
 EXTERNAL_URL = "postgresql+psycopg://someone:s3cret-pw@127.0.0.1:5999/elsewhere"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Circus:
@@ -127,7 +117,7 @@ class Circus:
             # (and its hook) is over.
             return self.call("status")["status"] == "ok" and self.service_starts()
 
-        wait_for(ready, 30, "circusd to answer on its control socket")
+        wait_for(ready, "circusd to answer on its control socket", timeout=30)
 
     def status(self, name: str) -> str:
         return self.call("status", name=name)["status"]
@@ -261,8 +251,8 @@ def test_ini_uses_only_owner_only_unix_sockets() -> None:
 
 def test_crash_loop_stopped_after_five_restarts_then_started_again(external_db: Circus) -> None:
     c = external_db
-    wait_for(lambda: c.service_starts(), 20, "the first start of the service")
-    wait_for(lambda: c.status(SERVICE) == "stopped", 40, "circus to give up on the service")
+    wait_for(lambda: c.service_starts(), "the first start of the service", timeout=20)
+    wait_for(lambda: c.status(SERVICE) == "stopped", "circus to give up on the service", timeout=40)
     starts = c.service_starts()
     assert len(starts) == 1 + MAX_RESTARTS, starts
     assert starts[-1] - starts[0] < 60
@@ -285,9 +275,13 @@ def test_crash_loop_stopped_after_five_restarts_then_started_again(external_db: 
 
     out = c.circusctl("start", SERVICE)
     assert out.returncode == 0, out.stdout + out.stderr
-    wait_for(lambda: len(c.service_starts()) > 1 + MAX_RESTARTS, 10, "a start after `start`")
+    wait_for(
+        lambda: len(c.service_starts()) > 1 + MAX_RESTARTS, "a start after `start`", timeout=10
+    )
     # The budget starts afresh: again 5 restarts, then stopped.
-    wait_for(lambda: c.status(SERVICE) == "stopped", 40, "the second crash loop to be stopped")
+    wait_for(
+        lambda: c.status(SERVICE) == "stopped", "the second crash loop to be stopped", timeout=40
+    )
     assert len(c.service_starts()) == 2 * (1 + MAX_RESTARTS)
     assert sum(f"{SERVICE}: crash loop" in line for line in c.log().splitlines()) == 2
 
@@ -305,7 +299,9 @@ def test_postgres_not_started_with_external_database(external_db: Circus) -> Non
 def test_embedded_postgres_started_with_configured_port_and_state_dir(embedded_db: Circus) -> None:
     c = embedded_db
     assert c.status(POSTGRES) == "active"
-    line = wait_for(lambda: c.postgres_log.exists() and c.postgres_log.read_text(), 10, "pg")
+    line = wait_for(
+        lambda: c.postgres_log.exists() and c.postgres_log.read_text(), "pg", timeout=10
+    )
     assert f"serve --state-dir {c.var.resolve()} --port 54329" in line
     assert c.status(SERVICE) == "active"
 
@@ -330,7 +326,7 @@ def test_control_socket_dir_is_owner_only_and_no_network_port(embedded_db: Circu
 
 def test_shutdown_stops_postgres_after_the_service(tmp_path: Path) -> None:
     with running_circus(tmp_path, STABLE_SERVICE) as c:
-        wait_for(lambda: c.service_starts() and c.postgres_log.exists(), 10, "both started")
+        wait_for(lambda: c.service_starts() and c.postgres_log.exists(), "both started", timeout=10)
         c.proc.send_signal(signal.SIGINT)  # what Ctrl-C in `just run` does
         assert c.proc.wait(timeout=30) == 0
         service_exit = [float(f[0]) for f in c.lines(c.service_log, "exit")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, text
+from watcher_helpers import wait_for
 
 from headspace_watcher.checkpoints import CheckpointStore, SourceState
 from headspace_watcher.db import make_engine
@@ -41,15 +41,6 @@ EVENT_TIME = datetime(2024, 3, 1, 12, 30, 15, 250000, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)  # poll interval, bounded by the deadline
 
 
 def turn(
@@ -542,14 +533,18 @@ def test_server_crash_mid_stream_every_batch_stored_exactly_once(
     thread.start()
     try:
         for _crash in range(3):
-            wait_for(batches_at_least(progress["batches"] + 5), 120, "batches to be written")
+            wait_for(
+                batches_at_least(progress["batches"] + 5), "batches to be written", timeout=120
+            )
             own_pg_cluster.stop("immediate")
             wait_for(
-                lambda: writer.metrics.last_error is not None or bool(errors), 60, "write failures"
+                lambda: writer.metrics.last_error is not None or bool(errors),
+                "write failures",
+                timeout=60,
             )
             failures_seen.append(writer.metrics.last_error)
             own_pg_cluster.start()
-        wait_for(batches_at_least(progress["batches"] + 5), 120, "writes to resume")
+        wait_for(batches_at_least(progress["batches"] + 5), "writes to resume", timeout=120)
     finally:
         finish.set()
         thread.join(timeout=120)
