@@ -5,7 +5,7 @@
 * a generator of realistic Claude Code transcript trees (shapes taken from real 2.0.x/2.1.x
   transcripts: one content block per assistant line, usage blocks, hook progress lines,
   tool results, file-history snapshots, sub-agents of both layouts);
-* the INTERFACE.md turn rule, written independently of ``headspace_watcher.transcript``, for
+* the INTERFACE.md turn rule, written independently of ``headspace_watcher.ingest.transcript``, for
   the naive and floor ingests and for the expected counts;
 * the ``headspace-watcher`` subprocess and ``/proc`` readings (CPU ticks, RSS).
 """
@@ -69,7 +69,8 @@ class Server:
 @contextlib.contextmanager
 def server() -> Iterator[Server]:
     """Own throwaway PgCluster (fsync on), or the server of ``HEADSPACE_BENCH_DATABASE_URL``."""
-    from headspace_watcher.pgserver import ExternalServer, PgCluster
+    from headspace_watcher.store.embedded import PgCluster
+    from tests.pg_servers import ExternalServer
 
     external = os.environ.get(ENV_URL)
     if external:

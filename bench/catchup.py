@@ -54,7 +54,8 @@ from bench._common import (
     verdict,
     watcher_bin,
 )
-from headspace_watcher.db import init_db, make_engine
+from headspace_watcher.store.engine import make_engine
+from headspace_watcher.store.migrate import init_db
 
 COLUMNS = "timestamp, event_type, payload, project_id, agent_id"
 INSERT_SQL = (

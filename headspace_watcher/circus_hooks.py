@@ -235,7 +235,7 @@ def before_start_postgres(watcher: Any, arbiter: Any, hook_name: str, **_: Any) 
         load_config,
         mask_url,
     )
-    from headspace_watcher.pgserver import default_state_dir
+    from headspace_watcher.store.embedded import default_state_dir
 
     try:
         env = _env_for(getattr(watcher, "env", None))

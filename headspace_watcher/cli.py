@@ -50,7 +50,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from headspace_watcher.service import Service
+    from headspace_watcher.service.loop import Service
 
     config = _config(args)
     _setup_logging(config.raw["logging"]["level"])
@@ -74,7 +74,7 @@ def _exit_now(code: int) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from headspace_watcher import health
+    from headspace_watcher.service import health
 
     report = health.status(_config(args))
     print(json.dumps(report, default=str) if args.json else health.render(report))
@@ -83,16 +83,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_init_db(args: argparse.Namespace) -> int:
     from headspace_watcher import config as config_mod
-    from headspace_watcher.db import init_db, make_engine
+    from headspace_watcher.store import Store
 
     config = _config(args)
     _setup_logging(config.raw["logging"]["level"])
     url = config.resolved_database_url()
-    engine = make_engine(url)
+    store = Store(url)
     try:
-        version = init_db(engine)
+        version = store.init()
     finally:
-        engine.dispose()
+        store.close()
     print(f"schema version {version} ready at {config_mod.mask_url(url)}")
     return 0
 
@@ -103,53 +103,57 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _writer(config: Config):  # type: ignore[no-untyped-def]
-    from headspace_watcher.db import init_db, make_engine
-    from headspace_watcher.retry import RetryPolicy
-    from headspace_watcher.writer import EventWriter
+def _store(config: Config):  # type: ignore[no-untyped-def]
+    from headspace_watcher.store import Store
+    from headspace_watcher.store.retry import RetryPolicy
 
     es = config.event_system
-    engine = make_engine(config.resolved_database_url())
-    init_db(engine)
-    return EventWriter(
-        engine, retry=RetryPolicy(es["write_retry_attempts"], es["write_retry_delay_ms"] / 1000)
+    store = Store(
+        config.resolved_database_url(),
+        retry=RetryPolicy(es["write_retry_attempts"], es["write_retry_delay_ms"] / 1000),
     )
+    store.init()
+    return store
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from headspace_watcher.registry import register_session
+    from headspace_watcher.service.registration import register_session
 
     config = _config(args)
     _setup_logging(config.raw["logging"]["level"])
-    writer = _writer(config)
-    recorded = register_session(
-        writer, args.session_uuid, args.project_path, args.working_directory, args.iterm_pane_id
-    )
+    store = _store(config)
+    try:
+        recorded = register_session(
+            store, args.session_uuid, args.project_path, args.working_directory, args.iterm_pane_id
+        )
+    finally:
+        store.close()
     print(
         f"registered {args.session_uuid}"
         + ("" if recorded else " (already active; monitoring details updated)")
     )
-    writer.engine.dispose()
     return 0
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:
-    from headspace_watcher.registry import unregister_session
+    from headspace_watcher.service.registration import unregister_session
 
     config = _config(args)
     _setup_logging(config.raw["logging"]["level"])
-    writer = _writer(config)
-    recorded = unregister_session(writer, args.session_uuid)
+    store = _store(config)
+    try:
+        recorded = unregister_session(store, args.session_uuid)
+    finally:
+        store.close()
     print(f"unregistered {args.session_uuid}" + ("" if recorded else " (was not active)"))
-    writer.engine.dispose()
     return 0
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL data dir + schema when no external database is configured."""
     from headspace_watcher import config as config_mod
-    from headspace_watcher import pgserver
-    from headspace_watcher.db import init_db, make_engine
+    from headspace_watcher.store import Store
+    from headspace_watcher.store import embedded as pgserver
 
     config = _config(args)
     _setup_logging(config.raw["logging"]["level"])
@@ -157,18 +161,18 @@ def cmd_setup(args: argparse.Namespace) -> int:
         port = config.raw["database"]["embedded_port"]
         pgserver.ensure_embedded(config.state_dir, port)
         with pgserver.embedded_running(config.state_dir, dbname=pgserver.EMBEDDED_DATABASE) as url:
-            engine = make_engine(url)
+            store = Store(url)
             try:
-                init_db(engine)
+                store.init()
             finally:
-                engine.dispose()
+                store.close()
         print(f"embedded PostgreSQL ready in {pgserver.embedded_data_dir(config.state_dir)}")
     else:
-        engine = make_engine(config.resolved_database_url())
+        store = Store(config.resolved_database_url())
         try:
-            init_db(engine)
+            store.init()
         finally:
-            engine.dispose()
+            store.close()
         print(f"schema ready at {config_mod.mask_url(config.resolved_database_url())}")
     return 0
 
@@ -239,9 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear one-line error, never a traceback with secrets
-        from headspace_watcher.writer import _describe
+        from headspace_watcher.store.rows import describe
 
-        print(f"headspace-watcher: {args.command} failed: {_describe(exc)}", file=sys.stderr)
+        print(f"headspace-watcher: {args.command} failed: {describe(exc)}", file=sys.stderr)
         logging.getLogger(__name__).debug("details", exc_info=True)
         return 1
 

@@ -149,7 +149,7 @@ class Config:
         """The URL to connect to: the configured one, or the embedded server's."""
         if self.database_url is not None:
             return self.database_url
-        from headspace_watcher import pgserver
+        from headspace_watcher.store import embedded as pgserver
 
         port = self.raw["database"]["embedded_port"]
         return pgserver.embedded_url(self.state_dir, port)

@@ -21,11 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_servers import ExternalServer, PgServer
 
-from headspace_watcher.pgserver import ExternalServer, PgCluster, PgServer
+from headspace_watcher.store.embedded import PgCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATABASE_URL_ENV = "HEADSPACE_TEST_DATABASE_URL"
+TRANSCRIPTS_ENV = "HEADSPACE_TEST_TRANSCRIPTS"
 
 # --------------------------------------------------------------------------------------------
 # PostgreSQL
@@ -39,7 +41,8 @@ def _unique_db_name(request: pytest.FixtureRequest, prefix: str = "t") -> str:
 
 
 def _init_schema(url: str) -> None:
-    from headspace_watcher.db import init_db, make_engine
+    from headspace_watcher.store.engine import make_engine
+    from headspace_watcher.store.migrate import init_db
 
     engine = make_engine(url)
     try:
@@ -111,10 +114,14 @@ def own_pg_cluster(pg_tmp_root: Path) -> Iterator[PgCluster]:
 
 @pytest.fixture(scope="session")
 def shared_transcripts() -> Path:
-    """Real Claude Code transcripts in ``../shared/transcripts`` beside the checkout."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "transcripts"
+    """Real Claude Code transcripts: ``$HEADSPACE_TEST_TRANSCRIPTS``, else
+    ``../shared/transcripts`` beside the checkout (read in place, never copied)."""
+    override = os.environ.get(TRANSCRIPTS_ENV)
+    path = Path(override) if override else REPO_ROOT.parent / "shared" / "transcripts"
     if not path.is_dir():
-        pytest.skip(f"shared transcripts not available: {path} does not exist")
+        pytest.skip(
+            f"shared transcripts not available: {path} does not exist (set {TRANSCRIPTS_ENV})"
+        )
     return path
 
 
@@ -316,7 +323,7 @@ def expected_transcript():  # type: ignore[no-untyped-def]
 @pytest.fixture
 def db_engine(database_url: str) -> Iterator[object]:
     """A SQLAlchemy engine on the test's fresh database."""
-    from headspace_watcher.db import make_engine
+    from headspace_watcher.store.engine import make_engine
 
     engine = make_engine(database_url)
     try:

@@ -34,8 +34,8 @@ from watcher_helpers import wait_for
 
 from headspace_watcher.cli import main as cli_main
 from headspace_watcher.config import load_config
-from headspace_watcher.db import make_engine
-from headspace_watcher.service import Service
+from headspace_watcher.service.loop import Service
+from headspace_watcher.store.engine import make_engine
 
 CLI = [sys.executable, "-m", "headspace_watcher.cli"]
 SECRET = "Wr0ng-S3cret-pw-7f3a"
@@ -576,7 +576,7 @@ def test_config_error_from_the_environment_and_missing_file(tmp_path: Path) -> N
 @pytest.fixture(scope="module")
 def password_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A server with password (scram-sha-256) auth: the session cluster trusts everyone."""
-    from headspace_watcher.pgserver import PgCluster, PgServerError
+    from headspace_watcher.store.embedded import PgCluster, PgServerError
 
     base = tmp_path_factory.mktemp("pwcluster")
     for parent in (base, *base.parents):  # the server may run as another user

@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from headspace_watcher.pgserver import PgServer
+from pg_servers import PgServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

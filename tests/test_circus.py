@@ -364,9 +364,11 @@ def _config(tmp_path: Path, max_restarts: int = 5) -> dict[str, str]:
 def test_before_start_postgres_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HEADSPACE_DATABASE_URL", raising=False)
     env = _config(tmp_path)
-    watcher = FakeWatcher(POSTGRES, env, args="-m headspace_watcher.pgserver serve")
+    watcher = FakeWatcher(POSTGRES, env, args="-m headspace_watcher.store.embedded serve")
     assert circus_hooks.before_start_postgres(watcher, None, "before_start") is True
-    expected = f"-m headspace_watcher.pgserver serve --state-dir {tmp_path / 'var'} --port 54329"
+    expected = (
+        f"-m headspace_watcher.store.embedded serve --state-dir {tmp_path / 'var'} --port 54329"
+    )
     assert watcher.args == expected
     assert circus_hooks.before_start_postgres(watcher, None, "before_start") is True
     assert watcher.args == expected  # not appended twice

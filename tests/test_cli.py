@@ -169,7 +169,7 @@ def test_status_when_running_is_healthy_with_the_contract_fields(
 
 
 def test_status_degraded_while_the_database_is_down_then_recovers(watcher, own_pg_cluster) -> None:
-    from headspace_watcher.db import make_engine
+    from headspace_watcher.store.engine import make_engine
 
     url = create_password_role(own_pg_cluster, own_pg_cluster.dbname)
     watcher.database_url = url
@@ -210,7 +210,7 @@ def test_status_degraded_while_the_database_is_down_then_recovers(watcher, own_p
 
 
 def test_run_once_with_the_database_unreachable_exits_non_zero(watcher) -> None:
-    from headspace_watcher.pgserver import free_port
+    from headspace_watcher.store.embedded import free_port
 
     append(project_dir(watcher.root) / f"{S1}.jsonl", user(S1, "x"))
     url = f"postgresql+psycopg://someone:{WATCHER_TEST_PASSWORD}@127.0.0.1:{free_port()}/db"

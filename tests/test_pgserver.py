@@ -1,4 +1,4 @@
-"""The throwaway / embedded PostgreSQL management (headspace_watcher.pgserver)."""
+"""The throwaway / embedded PostgreSQL management (headspace_watcher.store.embedded)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from pg_servers import ExternalServer, PgServer
 from sqlalchemy import create_engine, inspect, text
 
-from headspace_watcher import pgserver
-from headspace_watcher.pgserver import (
+from headspace_watcher.store import embedded as pgserver
+from headspace_watcher.store.embedded import (
     ENV_BIN_DIR,
     ENV_CACHE_DIR,
     ENV_RELOCATE_DIR,
-    ExternalServer,
     PgCluster,
-    PgServer,
     PgServerError,
     embedded_bin_dir,
     embedded_data_dir,
@@ -357,7 +356,7 @@ def test_serve_execs_postgres_and_sigint_stops_it(world_tmp: Path) -> None:
     state = world_tmp / "state"
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "headspace_watcher.pgserver", "serve",
+        [sys.executable, "-m", "headspace_watcher.store.embedded", "serve",
          "--state-dir", str(state), "--port", str(port)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from watcher_helpers import append, assistant, conversation, new_uuid, user, wait_for
 
-from headspace_watcher import pgserver
+from headspace_watcher.store import embedded as pgserver
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

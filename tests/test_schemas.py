@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from voluptuous import Required, Schema
 
-from headspace_watcher import schemas
-from headspace_watcher.schemas import EVENT_SCHEMAS, InvalidEvent, validate_payload
+from headspace_watcher import taxonomy as schemas
+from headspace_watcher.taxonomy import REGISTRY, EventType, InvalidEvent, validate_payload
 
 VALID: dict[str, dict[str, Any]] = {
     "session_registered": {
@@ -81,7 +81,7 @@ def without(event_type: str, key: str) -> dict[str, Any]:
 
 
 def test_registry_covers_the_taxonomy() -> None:
-    assert set(EVENT_SCHEMAS) == set(VALID)
+    assert set(REGISTRY) == set(VALID)
     assert set(STRICT) | set(LENIENT) == set(VALID)
 
 
@@ -262,9 +262,10 @@ def test_registry_is_extensible(monkeypatch: pytest.MonkeyPatch) -> None:
     new_type = "task_assigned"
     with pytest.raises(InvalidEvent):
         validate_payload(new_type, {"task_id": 1})
-    extended = dict(EVENT_SCHEMAS)
-    extended[new_type] = Schema({Required("task_id"): int, Required("title"): str})
-    monkeypatch.setattr(schemas, "EVENT_SCHEMAS", extended)
+    extended = dict(REGISTRY)
+    schema = Schema({Required("task_id"): int, Required("title"): str})
+    extended[new_type] = EventType(new_type, schema, "producer", "idempotency_key")
+    monkeypatch.setattr(schemas, "REGISTRY", extended)
 
     assert validate_payload(new_type, {"task_id": 1, "title": "t"}) == {"task_id": 1, "title": "t"}
     with pytest.raises(InvalidEvent) as info:

@@ -20,10 +20,10 @@ from watcher_helpers import (
     wait_for,
 )
 
-from headspace_watcher.events import SourcePosition
-from headspace_watcher.registry import register_session, unregister_session
-from headspace_watcher.sessions import SessionTracker
-from headspace_watcher.writer import EventWriter
+from headspace_watcher.ingest.sessions import SessionTracker
+from headspace_watcher.records import SourcePosition
+from headspace_watcher.service.registration import register_session, unregister_session
+from headspace_watcher.store import Store
 
 S1 = "a1a1a1a1-b2b2-4c3c-8d4d-e5e5e5e5e5e5"
 S2 = "f6f6f6f6-0707-4818-9929-3a3a3a3a3a3a"
@@ -158,7 +158,7 @@ def test_registered_mode_ingests_only_registered_sessions(watcher, db_engine, ex
     append(s1_files[1], assistant(S1, "s1 sub", agentId="a77"))
     append(s2_files[0], *conversation(S2, 2))
     append(s2_files[1], assistant(S2, "s2 sub", agentId="b88"))
-    assert register_session(EventWriter(db_engine), S1, "/srv/one", "/srv/one") is True
+    assert register_session(Store.for_engine(db_engine), S1, "/srv/one", "/srv/one") is True
 
     watcher.run_once()
 
@@ -187,7 +187,7 @@ def test_cli_register_then_service_sees_the_session_registers_once(watcher, db_e
     args = ["--project-path", "/srv/app", "--working-directory", "/srv/app/sub"]
     first = watcher.cli("register", S1, *args, "--iterm-pane-id", "w0t0p1")
     assert first.returncode == 0, first.stderr
-    writer = EventWriter(db_engine)
+    writer = Store.for_engine(db_engine)
     assert register_session(writer, S1, "/srv/app", "/srv/app/sub", "w0t0p1") is False  # again
 
     registered = session_events(db_engine, S1, "session_registered")
@@ -224,7 +224,7 @@ def test_service_first_then_register_records_no_second_registration(watcher, db_
     watcher.run_once()
     assert len(session_events(db_engine, S1, "session_registered")) == 1
 
-    writer = EventWriter(db_engine)
+    writer = Store.for_engine(db_engine)
     assert register_session(writer, S1, "/srv/app", "/srv/app", "pane-9") is False
 
     assert len(session_events(db_engine, S1, "session_registered")) == 1
@@ -237,7 +237,7 @@ def test_service_first_then_register_records_no_second_registration(watcher, db_
 
 def test_live_registered_mode_follows_register_and_unregister(watcher, db_engine) -> None:
     watcher.configure(file_watcher={"mode": "registered"})
-    writer = EventWriter(db_engine)
+    writer = Store.for_engine(db_engine)
     path = project_dir(watcher.root) / f"{S1}.jsonl"
     other = project_dir(watcher.root) / f"{S2}.jsonl"
     append(path, user(S1, "before registration", at=datetime.now(UTC)))
@@ -266,7 +266,7 @@ def test_live_writing_after_unregister_registers_the_session_again(watcher, db_e
     proc = watcher.start()
     wait_for(lambda: session_events(db_engine, S1, "session_registered"), "registration")
 
-    assert unregister_session(EventWriter(db_engine), S1) is True
+    assert unregister_session(Store.for_engine(db_engine), S1) is True
     append(path, assistant(S1, "two", at=datetime.now(UTC)))
 
     wait_for(lambda: len(turn_texts(db_engine, S1)) == 2, "the new line", details=proc.log)

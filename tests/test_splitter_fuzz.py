@@ -25,8 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headspace_watcher.tailer import REJECT_HEAD_BYTES, ReadResult, read_lines
-from headspace_watcher.transcript import file_context, parse_line
+from headspace_watcher.ingest.transcript import parse_line
+from headspace_watcher.sources.layout import file_context
+from headspace_watcher.sources.reader import REJECT_HEAD_BYTES, ReadResult, read_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore:line buffering:RuntimeWarning")
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

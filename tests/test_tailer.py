@@ -11,14 +11,10 @@ from pathlib import Path
 import pytest
 from watcher_helpers import wait_for
 
-from headspace_watcher.tailer import (
-    REJECT_HEAD_BYTES,
-    FileReplaced,
-    TreeWatcher,
-    WatchChanges,
-    read_lines,
-)
-from headspace_watcher.transcript import file_context, parse_line
+from headspace_watcher.ingest.transcript import parse_line
+from headspace_watcher.sources.layout import file_context
+from headspace_watcher.sources.reader import REJECT_HEAD_BYTES, FileReplaced, read_lines
+from headspace_watcher.sources.tree import TreeWatcher, WatchChanges
 
 SESSION = "3f2b9c1e-7a4d-4e8b-9c1a-2b3c4d5e6f70"
 SESSION_2 = "8e7d6c5b-4a39-4281-9f0e-1d2c3b4a5968"

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from headspace_watcher.schemas import validate_payload
-from headspace_watcher.transcript import FileContext, LineOutcome, file_context, parse_line
+from headspace_watcher.ingest.transcript import LineOutcome, parse_line
+from headspace_watcher.records import FileContext
+from headspace_watcher.sources.layout import file_context
+from headspace_watcher.taxonomy import validate_payload
 
 ROOT = "/home/u/.claude/projects"
 SESSION = "0b7a6d3e-1c2f-4a5b-9c8d-7e6f5a4b3c2d"

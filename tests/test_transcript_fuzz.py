@@ -9,8 +9,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headspace_watcher.schemas import validate_payload
-from headspace_watcher.transcript import LineOutcome, _parse_line, file_context, parse_line
+from headspace_watcher.ingest.transcript import LineOutcome, _parse_line, parse_line
+from headspace_watcher.sources.layout import file_context
+from headspace_watcher.taxonomy import validate_payload
 
 ROOT = "/home/u/.claude/projects"
 CTX = file_context(f"{ROOT}/-home-u-proj/0b7a6d3e-1c2f-4a5b-9c8d-7e6f5a4b3c2d.jsonl", ROOT)

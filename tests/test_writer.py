@@ -1,4 +1,4 @@
-"""EventWriter against a real PostgreSQL: atomicity, idempotence, poison rows, retries, outages.
+"""The batch writer on a real PostgreSQL: atomicity, idempotence, poison rows, retries, outages.
 
 Everything here runs on a real server because the guarantees live in the database (one
 transaction, unique position index, row locks); a mock would test our assumptions instead.
@@ -7,7 +7,6 @@ Outages are real too: the server of ``own_pg_cluster`` is stopped, not simulated
 
 from __future__ import annotations
 
-import logging
 import random
 import threading
 import uuid
@@ -19,20 +18,22 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 from watcher_helpers import wait_for
 
-from headspace_watcher.checkpoints import CheckpointStore, SourceState
-from headspace_watcher.db import make_engine
-from headspace_watcher.events import Event, Rejection, SourcePosition
-from headspace_watcher.pgserver import PgCluster
-from headspace_watcher.retry import RetryPolicy
-from headspace_watcher.schemas import InvalidEvent
-from headspace_watcher.writer import (
+from headspace_watcher.errors import CheckpointConflict, WriteAborted, WriteFailed
+from headspace_watcher.records import (
     Batch,
-    CheckpointConflict,
-    EventWriter,
+    Event,
+    Rejection,
     SourceAdvance,
-    WriteAborted,
-    WriteFailed,
+    SourcePosition,
+    StreamState,
 )
+from headspace_watcher.store import checkpoints
+from headspace_watcher.store.checkpoints import CheckpointStore
+from headspace_watcher.store.embedded import PgCluster
+from headspace_watcher.store.engine import make_engine
+from headspace_watcher.store.references import References
+from headspace_watcher.store.retry import RetryPolicy
+from headspace_watcher.store.writer import BatchWriter
 
 LINE = 100  # bytes per fake transcript line: positions are offsets i * LINE
 SESSION = "5b0f8c1e-2a7d-4f3b-9c6e-0d1a2b3c4d5e"
@@ -45,7 +46,7 @@ EVENT_TIME = datetime(2024, 3, 1, 12, 30, 15, 250000, tzinfo=UTC)
 
 def turn(
     i: int,
-    source: SourceState | None = None,
+    source: StreamState | None = None,
     *,
     base_offset: int = 0,
     text_value: str | None = None,
@@ -79,7 +80,7 @@ def turn(
 
 
 def batch_for(
-    source: SourceState, start: int, events: list[Event], rejections: Sequence[Rejection] = ()
+    source: StreamState, start: int, events: list[Event], rejections: Sequence[Rejection] = ()
 ) -> Batch:
     """A batch covering lines [start, start + len(events)) of ``source``."""
     return Batch(
@@ -108,7 +109,7 @@ def rows(engine: Engine, sql: str, **params: Any) -> list[Any]:
         return list(conn.execute(text(sql), params))
 
 
-def register(engine: Engine, name: str = "session.jsonl") -> SourceState:
+def register(engine: Engine, name: str = "session.jsonl") -> StreamState:
     return CheckpointStore(engine).register(f"/home/dev/.claude/projects/p/{name}", 1234, 42)
 
 
@@ -130,117 +131,20 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def writer(engine: Engine) -> EventWriter:
-    return EventWriter(engine, retry=RetryPolicy(attempts=2, base_delay=0.01))
-
-
-# --------------------------------------------------------------------------- write()
-
-
-def test_write_returns_id_and_stores_event(engine: Engine, writer: EventWriter) -> None:
-    event = turn(0)
-    new_id = writer.write(event)
-
-    assert isinstance(new_id, int)
-    row = rows(engine, "SELECT * FROM events WHERE id = :id", id=new_id)[0]._mapping
-    assert row["event_type"] == "turn_detected"
-    assert row["payload"] == event.payload
-    assert row["payload"]["text"] == "turn number 0: ça marche ✓"
-    # the time the event happened, not the write time
-    assert row["timestamp"] == EVENT_TIME
-    assert row["created_at"] - row["timestamp"] > timedelta(days=30)
-    assert writer.metrics.events_written == 1
-    assert writer.metrics.last_write_at is not None
-
-
-def test_write_sets_project_and_agent(engine: Engine, writer: EventWriter) -> None:
-    first = writer.write(turn(0))
-    second = writer.write(turn(1))
-
-    project = rows(engine, "SELECT id, path, name FROM projects")
-    agent = rows(engine, "SELECT id, session_uuid, project_id FROM agents")
-    assert [(p.path, p.name) for p in project] == [(PROJECT, "headspace")]
-    assert [(a.session_uuid, a.project_id) for a in agent] == [(SESSION, project[0].id)]
-    stored = rows(
-        engine,
-        "SELECT project_id, agent_id FROM events WHERE id IN (:a, :b)",
-        a=first,
-        b=second,
-    )
-    assert [(r.project_id, r.agent_id) for r in stored] == [(project[0].id, agent[0].id)] * 2
-
-
-def test_write_without_project_or_agent_leaves_them_null(
-    engine: Engine, writer: EventWriter
-) -> None:
-    event = turn(0)
-    event.project_path = None
-    event.agent_key = None
-    new_id = writer.write(event)
-    row = rows(engine, "SELECT project_id, agent_id FROM events WHERE id = :id", id=new_id)[0]
-    assert (row.project_id, row.agent_id) == (None, None)
-    assert scalar(engine, "SELECT count(*) FROM projects") == 0
-
-
-def test_write_same_position_twice_is_skipped_with_warning(
-    engine: Engine, writer: EventWriter, caplog: pytest.LogCaptureFixture
-) -> None:
-    source = register(engine)
-    assert isinstance(writer.write(turn(3, source)), int)
-
-    with caplog.at_level(logging.WARNING, logger="headspace_watcher.writer"):
-        again = writer.write(turn(3, source))
-
-    assert again is None
-    assert scalar(engine, "SELECT count(*) FROM events") == 1
-    assert writer.metrics.duplicates == 1
-    assert writer.metrics.events_written == 1
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("already stored" in r.getMessage() for r in warnings)
-
-
-def test_write_unknown_type_raises_and_records_rejection(
-    engine: Engine, writer: EventWriter
-) -> None:
-    event = turn(0, event_type="turn_exploded")
-    with pytest.raises(InvalidEvent) as info:
-        writer.write(event)
-
-    assert "unknown event type 'turn_exploded'" in str(info.value)
-    assert scalar(engine, "SELECT count(*) FROM events") == 0
-    rejected = rows(engine, "SELECT event_type, reason, raw_text FROM rejected_events")
-    assert len(rejected) == 1
-    assert rejected[0].event_type == "turn_exploded"
-    assert rejected[0].reason.startswith("invalid_payload")
-    assert "turn_exploded" in rejected[0].reason
-    assert SESSION in rejected[0].raw_text  # the payload is kept for a later replay
-    assert writer.metrics.rejected == 1
-
-
-def test_write_invalid_payload_names_field_in_rejection(
-    engine: Engine, writer: EventWriter
-) -> None:
-    event = turn(0)
-    event.payload["actor"] = "robot"
-    with pytest.raises(InvalidEvent) as info:
-        writer.write(event)
-    assert info.value.field == "actor"
-    rejected = rows(engine, "SELECT reason, details FROM rejected_events")
-    assert len(rejected) == 1
-    assert "'actor'" in rejected[0].reason
-    assert rejected[0].details == {"field": "actor"}
+def writer(engine: Engine) -> BatchWriter:
+    return BatchWriter(engine, References(), retry=RetryPolicy(attempts=2, base_delay=0.01))
 
 
 # --------------------------------------------------------------------------- write_batch()
 
 
 def test_batch_stores_events_and_advances_checkpoint_in_one_transaction(
-    engine: Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, writer: BatchWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = register(engine)
     events = [turn(i, source) for i in range(10)]
     seen_at_advance: dict[str, Any] = {}
-    real_advance = writer._advance
+    real_advance = checkpoints.advance
 
     def spying_advance(conn: Connection, advances: list[SourceAdvance]) -> None:
         """At the checkpoint step: events are in this transaction, invisible outside it."""
@@ -251,7 +155,7 @@ def test_batch_stores_events_and_advances_checkpoint_in_one_transaction(
             engine, "SELECT committed_offset FROM sources WHERE id = :i", i=source.source_id
         )
 
-    monkeypatch.setattr(writer, "_advance", spying_advance)
+    monkeypatch.setattr(checkpoints, "advance", spying_advance)
     result = writer.write_batch(batch_for(source, 0, events))
 
     assert seen_at_advance == {"inside": 10, "outside": 0, "offset_outside": 0}
@@ -279,7 +183,7 @@ def test_batch_stores_events_and_advances_checkpoint_in_one_transaction(
 
 
 def test_batch_failing_after_insert_stores_nothing(
-    engine: Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, writer: BatchWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A (non-transient) failure at the checkpoint step rolls the events back with it."""
     source = register(engine)
@@ -287,7 +191,7 @@ def test_batch_failing_after_insert_stores_nothing(
     def broken_advance(*_: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(writer, "_advance", broken_advance)
+    monkeypatch.setattr(checkpoints, "advance", broken_advance)
     with pytest.raises(RuntimeError, match="disk on fire"):
         writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(5)]))
 
@@ -296,7 +200,7 @@ def test_batch_failing_after_insert_stores_nothing(
 
 
 def test_rewriting_same_batch_conflicts_and_stores_nothing(
-    engine: Engine, writer: EventWriter
+    engine: Engine, writer: BatchWriter
 ) -> None:
     source = register(engine)
     rejection = Rejection(
@@ -322,7 +226,7 @@ def test_rewriting_same_batch_conflicts_and_stores_nothing(
 
 
 def test_stale_start_offset_conflicts_even_for_new_positions(
-    engine: Engine, writer: EventWriter
+    engine: Engine, writer: BatchWriter
 ) -> None:
     """The guard, not only the unique index: a batch not starting at the checkpoint is refused."""
     source = register(engine)
@@ -332,7 +236,7 @@ def test_stale_start_offset_conflicts_even_for_new_positions(
     assert scalar(engine, "SELECT count(*) FROM events") == 3
 
 
-def test_nul_byte_event_is_rejected_rest_stored(engine: Engine, writer: EventWriter) -> None:
+def test_nul_byte_event_is_rejected_rest_stored(engine: Engine, writer: BatchWriter) -> None:
     source = register(engine)
     events = [turn(i, source) for i in range(5)]
     events[2] = turn(2, source, text_value="before\x00after")
@@ -364,7 +268,7 @@ def test_nul_byte_event_is_rejected_rest_stored(engine: Engine, writer: EventWri
 
 
 def test_invalid_payload_in_batch_is_rejected_rest_stored(
-    engine: Engine, writer: EventWriter
+    engine: Engine, writer: BatchWriter
 ) -> None:
     source = register(engine)
     events = [turn(i, source) for i in range(4)]
@@ -392,12 +296,12 @@ def test_invalid_payload_in_batch_is_rejected_rest_stored(
 
 def stopped_writer(
     cluster: PgCluster, sleep: Callable[[float], None], policy: RetryPolicy
-) -> tuple[EventWriter, SourceState]:
+) -> tuple[BatchWriter, StreamState]:
     """A writer whose server is down; the source was registered while it was up."""
     source = register(make_engine(cluster.url()))
     cluster.stop("fast")
     assert not cluster.is_running()
-    return EventWriter(make_engine(cluster.url(), connect_timeout=2), retry=policy,
+    return BatchWriter(make_engine(cluster.url(), connect_timeout=2), References(), retry=policy,
                        sleep=sleep), source  # fmt: skip
 
 
@@ -421,10 +325,12 @@ def test_retry_backoff_then_write_failed_checkpoint_untouched(own_pg_cluster: Pg
 
     # The seeded generator makes the schedule reproducible.
     again = SleepRecorder()
-    replay = EventWriter(
-        writer.engine, retry=RetryPolicy(attempts=5, base_delay=base, rng=random.Random(7)),
+    replay = BatchWriter(
+        writer.engine,
+        References(),
+        retry=RetryPolicy(attempts=5, base_delay=base, rng=random.Random(7)),
         sleep=again,
-    )  # fmt: skip
+    )
     with pytest.raises(WriteFailed):
         replay.write_batch(batch_for(source, 0, [turn(i, source) for i in range(3)]))
     assert again.delays == sleeps.delays
@@ -436,15 +342,6 @@ def test_retry_backoff_then_write_failed_checkpoint_untouched(own_pg_cluster: Pg
         assert CheckpointStore(check).load(source.path).committed_offset == 0  # type: ignore[union-attr]
     finally:
         check.dispose()
-
-
-def test_single_write_fails_after_retries(own_pg_cluster: PgCluster) -> None:
-    sleeps = SleepRecorder()
-    writer, _ = stopped_writer(own_pg_cluster, sleeps, RetryPolicy(attempts=2, base_delay=0.01))
-    with pytest.raises(WriteFailed):
-        writer.write(turn(0))
-    assert len(sleeps.delays) == 2
-    assert writer.metrics.failed_writes == 1
 
 
 def test_should_abort_stops_retrying(own_pg_cluster: PgCluster) -> None:
@@ -475,8 +372,10 @@ def test_should_abort_consulted_between_retries(own_pg_cluster: PgCluster) -> No
 def test_non_transient_error_is_not_retried(engine: Engine) -> None:
     """A batch naming a source that does not exist is a bug, not an outage: no retry."""
     sleeps = SleepRecorder()
-    writer = EventWriter(engine, retry=RetryPolicy(attempts=5, base_delay=0.01), sleep=sleeps)
-    ghost = SourceState(999, "/nowhere", 1, 1, 0, 0, None)
+    writer = BatchWriter(
+        engine, References(), retry=RetryPolicy(attempts=5, base_delay=0.01), sleep=sleeps
+    )
+    ghost = StreamState(999, "/nowhere", 1, 1, 0, 0, None)
     with pytest.raises(CheckpointConflict):
         writer.write_batch(batch_for(ghost, 0, [turn(0, ghost)]))
     assert sleeps.delays == []
@@ -494,8 +393,9 @@ def test_server_crash_mid_stream_every_batch_stored_exactly_once(
     per_batch = 200
     engine = make_engine(own_pg_cluster.url(), connect_timeout=2)
     source = register(engine)
-    writer = EventWriter(
+    writer = BatchWriter(
         engine,
+        References(),
         retry=RetryPolicy(attempts=2000, base_delay=0.005, max_delay=0.05),
     )
     finish = threading.Event()
@@ -573,7 +473,7 @@ def test_server_crash_mid_stream_every_batch_stored_exactly_once(
 
 
 def test_batch_payloads_are_stored_exactly_including_wide_integers(
-    engine: Engine, writer: EventWriter
+    engine: Engine, writer: BatchWriter
 ) -> None:
     """The fast serialiser of turn payloads must store what the standard one would."""
     source = register(engine)
@@ -595,8 +495,10 @@ def test_connection_lost_after_new_references_retries_with_fresh_ids(
     must create them again, not reuse the ids of the rolled-back rows."""
     source = register(engine)
     sleeps = SleepRecorder()
-    writer = EventWriter(engine, retry=RetryPolicy(attempts=3, base_delay=0.01), sleep=sleeps)
-    real_guard = writer._check_guard
+    writer = BatchWriter(
+        engine, References(), retry=RetryPolicy(attempts=3, base_delay=0.01), sleep=sleeps
+    )
+    real_guard = checkpoints.check_guard
     killed: list[int] = []
 
     def guard_after_losing_the_connection(conn: Connection, advances: Any) -> None:
@@ -606,7 +508,7 @@ def test_connection_lost_after_new_references_retries_with_fresh_ids(
             scalar(engine, "SELECT pg_terminate_backend(:p)", p=pid)
         real_guard(conn, advances)
 
-    monkeypatch.setattr(writer, "_check_guard", guard_after_losing_the_connection)
+    monkeypatch.setattr(checkpoints, "check_guard", guard_after_losing_the_connection)
     result = writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(3)]))
 
     assert result.written == 3 and len(sleeps.delays) == 1
@@ -616,4 +518,4 @@ def test_connection_lost_after_new_references_retries_with_fresh_ids(
         " JOIN agents a ON a.id = e.agent_id",
     )
     assert stored == [(PROJECT, SESSION)] * 3
-    assert writer._project_ids == {PROJECT: scalar(engine, "SELECT id FROM projects")}
+    assert writer.references.project_id(PROJECT) == scalar(engine, "SELECT id FROM projects")

@@ -245,7 +245,7 @@ def run_service_once(config: Config, clock: Callable[[], datetime] | None = None
     The service installs signal handlers and a wakeup fd for its own process; they are put
     back afterwards so pytest keeps its own.
     """
-    from headspace_watcher.service import Service
+    from headspace_watcher.service.loop import Service
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
     old_fd = signal.set_wakeup_fd(-1)
@@ -364,6 +364,10 @@ class WatcherEnv:
         service = run_service_once(self.config(**extra), clock)
         assert service.exit_code == 0, f"run --once exited {service.exit_code}"
         return service
+
+    def status_file(self) -> dict[str, Any]:
+        """``status.json`` as the last run left it (the contract's counters)."""
+        return json.loads((self.state_dir / "status.json").read_text())
 
     @staticmethod
     def command() -> list[str]:

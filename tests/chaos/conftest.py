@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from harness import ChaosEnv
 
-from headspace_watcher.db import make_engine
-from headspace_watcher.pgserver import PgCluster
+from headspace_watcher.store.embedded import PgCluster
+from headspace_watcher.store.engine import make_engine
 
 
 @pytest.fixture

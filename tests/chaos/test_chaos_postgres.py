@@ -18,7 +18,7 @@ from gen import TreeGen, write_tree
 from harness import ChaosEnv, Watcher, make_rng, pick, wait_for
 from invariants import assert_exact, snapshot
 
-from headspace_watcher.pgserver import PgCluster
+from headspace_watcher.store.embedded import PgCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(pick(240, 1800))]
 

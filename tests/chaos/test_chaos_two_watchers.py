@@ -22,9 +22,11 @@ from harness import ChaosEnv, make_rng, pick, wait_for
 from invariants import assert_exact, snapshot
 from sqlalchemy import text
 
-from headspace_watcher.checkpoints import CheckpointStore
-from headspace_watcher.events import Event, SourcePosition
-from headspace_watcher.writer import Batch, CheckpointConflict, EventWriter, SourceAdvance
+from headspace_watcher.errors import CheckpointConflict
+from headspace_watcher.records import Batch, Event, SourceAdvance, SourcePosition
+from headspace_watcher.store.checkpoints import CheckpointStore
+from headspace_watcher.store.references import References
+from headspace_watcher.store.writer import BatchWriter
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(pick(240, 1800))]
 
@@ -131,7 +133,7 @@ def test_stale_source_advance_is_refused_by_the_guard(chaos_env: ChaosEnv) -> No
     path = env.root / "p" / "s.jsonl"
     store = CheckpointStore(env.engine)
     src = store.register(str(path), inode=1, device=1)
-    writer = EventWriter(env.engine)
+    writer = BatchWriter(env.engine, References())
 
     def batch(start: int, end: int, generation: int = 0) -> Batch:
         at = datetime(2025, 1, 1, tzinfo=UTC)

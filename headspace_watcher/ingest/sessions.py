@@ -1,65 +1,24 @@
 """Session lifecycle: when a session starts being seen, and when it has gone quiet.
 
-The tracker only decides; the writer applies each decision under a guard in the database
-(``sessions`` row state/epoch), so a CLI ``register``/``unregister`` racing the service can
+The tracker only decides; it holds no connection (its durable state is handed in from the
+store) and the store applies each decision under a guard in the database (``sessions``
+row state/epoch), so a CLI ``register``/``unregister`` racing the service can
 never produce a second ``session_registered`` or ``session_ended`` for the same epoch.
 Decisions are staged and become the tracker's state only once their batch has committed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import Engine, select
-
-from headspace_watcher.db import sessions
-from headspace_watcher.events import Event, SourcePosition
+from headspace_watcher.records import Event, SessionChange, SessionInfo, SourcePosition
 
 
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    session_uuid: str
-    state: str  # active | ended
-    epoch: int
-    registered_at: datetime
-    last_activity_at: datetime
-    project_path: str | None = None
-    monitored: bool = False
-    working_directory: str | None = None
-    iterm_pane_id: str | None = None
-
-    @classmethod
-    def from_row(cls, r: Any) -> SessionInfo:
-        """From a ``sessions`` table row."""
-        return cls(
-            r.session_uuid,
-            r.state,
-            r.epoch,
-            r.registered_at,
-            r.last_activity_at,
-            r.project_path,
-            r.monitored,
-            r.working_directory,
-            r.iterm_pane_id,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SessionChange:
-    """A lifecycle decision for the writer.
-
-    kind ``register``: applies only if the row is absent or ended with ``expected_epoch``;
-    kind ``activity``: moves ``last_activity_at`` forward; kind ``end``: applies only if the
-    row is active with ``expected_epoch``. A change whose guard fails drops its event.
-    """
-
-    kind: str
-    info: SessionInfo
-    expected_epoch: int
-    end_reason: str | None = None
-    ended_at: datetime | None = None
+def lifecycle_key(event_type: str, session_uuid: str, epoch: int) -> str:
+    """The idempotency key of a lifecycle event: one per session, epoch and kind."""
+    return f"{event_type}:{session_uuid}:{epoch}"
 
 
 class SessionTracker:
@@ -70,11 +29,9 @@ class SessionTracker:
         self._next: datetime | None = None
 
     # ---------------------------------------------------------------- state
-    def load(self, engine: Engine) -> None:
+    def load(self, infos: Iterable[SessionInfo]) -> None:
         """Adopt the durable state, so a restart neither re-registers nor forgets timers."""
-        with engine.connect() as conn:
-            rows = conn.execute(select(sessions)).all()
-        self._known = {r.session_uuid: SessionInfo.from_row(r) for r in rows}
+        self._known = {i.session_uuid: i for i in infos}
         self._refresh_next()
 
     def get(self, session_uuid: str) -> SessionInfo | None:
@@ -163,6 +120,7 @@ class SessionTracker:
             project_path=project_path,
             agent_key=session_uuid,
             position=position,
+            idempotency_key=lifecycle_key("session_registered", session_uuid, epoch),
         )
         return event, SessionChange("register", info, epoch - 1)
 
@@ -178,6 +136,7 @@ class SessionTracker:
             at,
             project_path=current.project_path,
             agent_key=session_uuid,
+            idempotency_key=lifecycle_key("session_ended", session_uuid, current.epoch),
         )
         return event, SessionChange("end", info, current.epoch, reason, at)
 

@@ -1,20 +1,16 @@
-"""The database schema (SQLAlchemy Core) and engine creation.
+"""The database schema (SQLAlchemy Core tables): what every statement of the store uses.
 
-``init_db`` is idempotent and safe while a watcher runs: it only creates what is missing
-(``CREATE … IF NOT EXISTS`` semantics) under an advisory lock, so two concurrent
-``init-db`` calls cannot race each other.
+Migrations (``store.migrate``) bring a database to this shape; the tables here are the
+single description of it that the code and the drift test compare against.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
     DateTime,
-    Engine,
     ForeignKey,
     Identity,
     Index,
@@ -23,14 +19,10 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    create_engine,
     func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-
-SCHEMA_VERSION = 1
-_INIT_LOCK_KEY = 0x68656164  # "head": serialises concurrent init-db runs
 
 metadata = MetaData()
 
@@ -81,6 +73,9 @@ events = Table(
     Column("source_generation", Integer, nullable=True),
     Column("source_offset", BigInteger, nullable=True),
     Column("source_seq", Integer, nullable=True),
+    # An in-process producer's key for an event without a stream position (see
+    # store.producer): unique, so a second write with the same key stores nothing.
+    Column("idempotency_key", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("ix_events_type_ts", "event_type", "timestamp"),
     Index("ix_events_project_ts", "project_id", "timestamp"),
@@ -93,6 +88,7 @@ events = Table(
         "source_seq",
         unique=True,
     ),
+    Index("ux_events_idempotency_key", "idempotency_key", unique=True),
 )
 
 rejected_events = Table(
@@ -160,31 +156,3 @@ schema_info = Table(
     Column("version", Integer, nullable=False),
     Column("upgraded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
-
-
-def make_engine(url: str, *, connect_timeout: int = 5, **kwargs: Any) -> Engine:
-    """An engine for the watcher: small pool, pre-ping, bounded connect time."""
-    return create_engine(
-        url,
-        pool_size=kwargs.pop("pool_size", 2),
-        max_overflow=kwargs.pop("max_overflow", 2),
-        pool_pre_ping=True,
-        connect_args={"connect_timeout": connect_timeout, "application_name": "headspace-watcher"},
-        **kwargs,
-    )
-
-
-def init_db(engine: Engine) -> int:
-    """Create or upgrade the schema; return the schema version. Idempotent."""
-    with engine.begin() as conn:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK_KEY})
-        metadata.create_all(conn, checkfirst=True)
-        conn.execute(
-            text(
-                "INSERT INTO headspace_schema (id, version) VALUES (1, :v) "
-                "ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, upgraded_at = now() "
-                "WHERE headspace_schema.version < EXCLUDED.version"
-            ),
-            {"v": SCHEMA_VERSION},
-        )
-    return SCHEMA_VERSION

@@ -24,16 +24,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 
-__all__ = ["FileContext", "LineOutcome", "file_context", "parse_line"]
+from headspace_watcher.records import FileContext
+
+__all__ = ["LineOutcome", "parse_line"]
 
 OutcomeKind = Literal["turn", "skip", "reject"]
 
-_SUBAGENT_PREFIX = "agent-"
 _SUFFIX = ".jsonl"
 _REPLACEMENT = 0xFFFD
 # str.translate table: NUL and every UTF-16 surrogate (which json.loads yields for a lone
@@ -58,20 +58,6 @@ _JSON_TYPE_NAMES: dict[type, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class FileContext:
-    """What the file's path tells about its lines.
-
-    Computed once per watched file, so that ``parse_line`` has fallbacks for lines that lack
-    ``sessionId``/``cwd``/``agentId`` without re-deriving them per line.
-    """
-
-    path: str
-    session_hint: str | None
-    subagent_hint: str | None
-    project_hint: str | None
-
-
 @dataclass(slots=True)
 class LineOutcome:
     """The parser's verdict on one line; the caller turns it into an event, a count or a row.
@@ -89,62 +75,7 @@ class LineOutcome:
     agent_key: str | None = None
     payload: dict[str, Any] | None = None
     reason: str | None = None
-
-
-def _looks_like_uuid(value: str) -> bool:
-    """Only a canonical 8-4-4-4-12 hex name is trusted as a session id (``short.jsonl`` is not)."""
-    if len(value) != 36:
-        return False
-    for i, ch in enumerate(value):
-        if i in (8, 13, 18, 23):
-            if ch != "-":
-                return False
-        elif ch not in "0123456789abcdefABCDEF":
-            return False
-    return True
-
-
-def _subagent_id(name: str) -> str | None:
-    if name.startswith(_SUBAGENT_PREFIX) and name.endswith(_SUFFIX):
-        ident = name[len(_SUBAGENT_PREFIX) : -len(_SUFFIX)]
-        return ident or None
-    return None
-
-
-def file_context(path: str | Path, projects_root: str | Path) -> FileContext:
-    """Derive per-file fallbacks from the Claude Code projects layout.
-
-    Layouts: ``<root>/<proj>/<uuid>.jsonl`` (session), ``<root>/<proj>/agent-<id>.jsonl``
-    (2.0.x sub-agent, its lines name the session) and
-    ``<root>/<proj>/<uuid>/subagents/agent-<id>.jsonl`` (2.1.x sub-agent).
-
-    ``project_hint`` decodes the folder name by turning every ``-`` into ``/``. Claude Code's
-    encoding is lossy (``/``, ``.`` and ``-`` all become ``-``), so this is only a best effort
-    for lines without ``cwd``; a line's ``cwd`` always wins.
-    """
-    abs_path = os.path.abspath(os.fspath(path))
-    root = os.path.abspath(os.fspath(projects_root))
-    name = os.path.basename(abs_path)
-    stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else os.path.splitext(name)[0]
-
-    rel_parts: list[str] | None = None
-    rel = os.path.relpath(abs_path, root)
-    if rel != os.curdir and rel != os.pardir and not rel.startswith(os.pardir + os.sep):
-        rel_parts = rel.split(os.sep)
-
-    subagent_hint = _subagent_id(name)
-    session_hint: str | None = stem if _looks_like_uuid(stem) else None
-    project_hint: str | None = None
-    if rel_parts is not None and len(rel_parts) >= 2:
-        project_hint = rel_parts[0].replace("-", "/") or None
-        if len(rel_parts) == 4 and rel_parts[2] == "subagents" and rel_parts[1]:
-            session_hint = rel_parts[1]
-    return FileContext(
-        path=abs_path,
-        session_hint=session_hint,
-        subagent_hint=subagent_hint,
-        project_hint=project_hint,
-    )
+    line: dict[str, Any] | None = None  # the parsed object, for the derivers of ingest.derive
 
 
 def _utc_now() -> datetime:
@@ -299,6 +230,7 @@ def _classify(
         timestamp=timestamp,
         project_path=line_cwd or ctx.project_hint,
         agent_key=agent_key,
+        line=obj,
     )
     if suspicious:
         outcome.session_uuid = _clean(outcome.session_uuid)[0]

@@ -18,7 +18,7 @@ rest with care:
 
 Entry points: :class:`PgCluster` (tests, benchmarks), :func:`ensure_embedded` /
 :func:`embedded_url` (``just setup``, config) and :func:`serve` (circus), also reachable as
-``python -m headspace_watcher.pgserver ensure|serve|url``.
+``python -m headspace_watcher.store.embedded ensure|serve|url``.
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 from sqlalchemy.engine import URL, make_url
+
+from headspace_watcher.errors import ServerError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ _STOP_SIGNALS: dict[str, signal.Signals] = {
 }
 
 
-class PgServerError(RuntimeError):
+class PgServerError(ServerError):
     """The server could not be located, initialised, started or stopped."""
 
 
@@ -610,45 +612,6 @@ def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-class PgServer(Protocol):
-    """What the test fixtures need from a server, whether ours or an external one."""
-
-    def url(self, dbname: str | None = None) -> str: ...
-
-    def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]: ...
-
-    def create_database(self, name: str, *, exist_ok: bool = False) -> bool: ...
-
-    def drop_database(self, name: str) -> None: ...
-
-
-@dataclass(slots=True)
-class ExternalServer:
-    """A server we do not manage, reached through a SQLAlchemy URL
-    (``HEADSPACE_TEST_DATABASE_URL``); its database is used for administrative commands."""
-
-    admin_url: str
-
-    def url(self, dbname: str | None = None) -> str:
-        parsed = make_url(self.admin_url)
-        if dbname is not None:
-            parsed = parsed.set(database=dbname)
-        return parsed.render_as_string(hide_password=False)
-
-    def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
-        kwargs.setdefault("autocommit", True)
-        kwargs.setdefault("connect_timeout", 10)
-        return psycopg.connect(_libpq_conninfo(self.url(dbname)), **kwargs)
-
-    def create_database(self, name: str, *, exist_ok: bool = False) -> bool:
-        with self.connect() as conn:
-            return _create_database(conn, name, exist_ok=exist_ok)
-
-    def drop_database(self, name: str) -> None:
-        with self.connect() as conn:
-            _drop_database(conn, name)
-
-
 # --------------------------------------------------------------------------------------------
 # PgCluster: a server process we own
 # --------------------------------------------------------------------------------------------
@@ -997,7 +960,7 @@ def read_password(state_dir: Path | str) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         raise PgServerError(
-            f"{path} missing: run `just setup` (python -m headspace_watcher.pgserver ensure)"
+            f"{path} missing: run `just setup` (python -m headspace_watcher.store.embedded ensure)"
         ) from None
 
 
@@ -1204,7 +1167,7 @@ def serve(
 
 
 # --------------------------------------------------------------------------------------------
-# python -m headspace_watcher.pgserver
+# python -m headspace_watcher.store.embedded
 # --------------------------------------------------------------------------------------------
 
 
@@ -1220,7 +1183,7 @@ def _masked(url: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m headspace_watcher.pgserver",
+        prog="python -m headspace_watcher.store.embedded",
         description="Manage the embedded PostgreSQL server.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1238,7 +1201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_p.add_argument(
         "--init-schema",
         action="store_true",
-        help="also create/upgrade the schema (headspace_watcher.db.init_db)",
+        help="also create/upgrade the schema (headspace_watcher.store.schema.init_db)",
     )
     serve_p = sub.add_parser(
         "serve", parents=[common], help="ensure, then exec postgres in the foreground"
@@ -1254,7 +1217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ensure":
             url = ensure_embedded(state_dir, args.port)
             if args.init_schema:
-                from headspace_watcher.db import init_db, make_engine
+                from headspace_watcher.store.schema import init_db, make_engine
 
                 with embedded_running(state_dir, EMBEDDED_DATABASE) as live_url:
                     engine = make_engine(live_url)

@@ -1,14 +1,18 @@
-"""The event taxonomy: one registry of event type → payload schema.
+"""The event taxonomy: one registry entry per event type — its schema, where it comes
+from, and what makes a second write of it store nothing.
 
-Adding an event type is adding one entry to ``EVENT_SCHEMAS``. Everything that stores an
-event validates it here first, so the ``events`` table only ever holds payloads that the
-dashboards and the state machine can rely on.
+Everything that stores an event validates it here first, so the ``events`` table only ever
+holds payloads that the dashboards and the state machine can rely on. Adding a
+transcript-derived type is one ``EventType`` in ``REGISTRY`` plus its deriving function in
+``ingest.derive`` (registered under the same name); the loop and the store need no change.
+The module sits at the bottom of the package (ingest derives, the store validates).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from voluptuous import (
     ALLOW_EXTRA,
@@ -26,14 +30,28 @@ from voluptuous import (
     Any as AnyOf,
 )
 
+from headspace_watcher.errors import InvalidEvent
 
-class InvalidEvent(ValueError):
-    """An event whose type is unknown or whose payload breaks its schema."""
+Origin = Literal["transcript", "lifecycle", "producer", "hook"]
+KeyedBy = Literal["position", "idempotency_key"]
 
-    def __init__(self, event_type: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.event_type = event_type
-        self.field = field
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    """One entry of the taxonomy.
+
+    ``origin`` says who makes it: ``transcript`` (derived from lines by ``ingest.derive``),
+    ``lifecycle`` (session decisions), ``producer`` (in-process callers through the store's
+    producer API), ``hook`` (the hook spool). ``keyed_by`` is what makes a re-write a no-op:
+    the line's stream position, or the producer's idempotency key. ``closed``: every value
+    the schema admits serialises identically with orjson and json (the store's fast path).
+    """
+
+    name: str
+    schema: Schema
+    origin: Origin
+    keyed_by: KeyedBy
+    closed: bool = False
 
 
 def iso8601(value: Any) -> str:
@@ -62,7 +80,7 @@ def _not_bool(value: Any) -> Any:
 _INT = All(_not_bool, int, Range(min=0), msg="expected a non-negative integer")
 _NON_BOOL_INT = All(_not_bool, int, msg="expected an integer")
 
-EVENT_SCHEMAS: dict[str, Schema] = {
+_SCHEMAS: dict[str, Schema] = {
     "session_registered": Schema(
         {
             Required("session_uuid"): _TEXT,
@@ -122,7 +140,18 @@ EVENT_SCHEMAS: dict[str, Schema] = {
     ),
 }
 
-EVENT_TYPES = frozenset(EVENT_SCHEMAS)
+REGISTRY: dict[str, EventType] = {
+    t.name: t
+    for t in (
+        EventType(
+            "session_registered", _SCHEMAS["session_registered"], "lifecycle", "idempotency_key"
+        ),
+        EventType("session_ended", _SCHEMAS["session_ended"], "lifecycle", "idempotency_key"),
+        EventType("turn_detected", _SCHEMAS["turn_detected"], "transcript", "position", True),
+        EventType("state_transition", _SCHEMAS["state_transition"], "producer", "idempotency_key"),
+        EventType("hook_received", _SCHEMAS["hook_received"], "hook", "position"),
+    )
+}
 
 # ---------------------------------------------------------------- turn_detected fast path
 # Every turn of a catch-up is validated (tens of thousands per second); voluptuous costs
@@ -130,7 +159,7 @@ EVENT_TYPES = frozenset(EVENT_SCHEMAS)
 # schema above accepts, checked directly; anything it does not accept goes through
 # voluptuous, which decides and words the error. Used only while the registry holds that
 # very schema object.
-_TURN_SCHEMA = EVENT_SCHEMAS["turn_detected"]
+_TURN_SCHEMA = _SCHEMAS["turn_detected"]
 _TURN_REQUIRED = ("session_uuid", "actor", "text", "source", "turn_timestamp")
 _TURN_STR = frozenset(
     (
@@ -188,12 +217,13 @@ def _turn_ok(p: dict[str, Any]) -> bool:
 
 def validate_payload(event_type: str, payload: Any) -> dict[str, Any]:
     """Return the validated payload or raise InvalidEvent naming the offending field."""
-    schema = EVENT_SCHEMAS.get(event_type)
-    if schema is None:
+    entry = REGISTRY.get(event_type)
+    if entry is None:
         raise InvalidEvent(
             event_type,
-            f"unknown event type {event_type!r}; expected one of {sorted(EVENT_SCHEMAS)}",
+            f"unknown event type {event_type!r}; expected one of {sorted(REGISTRY)}",
         )
+    schema = entry.schema
     if not isinstance(payload, dict):
         raise InvalidEvent(event_type, f"{event_type}: payload must be a mapping")
     if schema is _TURN_SCHEMA and _turn_ok(payload):

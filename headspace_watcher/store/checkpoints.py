@@ -1,47 +1,74 @@
-"""Per-file read checkpoints (the ``sources`` table).
+"""Stream checkpoints (the ``sources`` table): creating them and changing their identity.
 
-The checkpoint is only ever advanced by the writer inside the transaction that stores the
-events of those bytes; this module creates sources and moves them to a new generation when
-a file was truncated or replaced by different content.
+A checkpoint's offset is only ever advanced by the batch writer, inside the transaction that
+stores the events of those bytes (``store.writer``); this module creates stream rows, binds
+them to a new inode (same content copied) and moves them to a new generation (different
+content under the same path). It is what a source is handed to learn its positions.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from headspace_watcher.db import sources
+from headspace_watcher.errors import CheckpointConflict
+from headspace_watcher.records import SourceAdvance, StreamState
+from headspace_watcher.store.schema import sources
 
-FINGERPRINT_SPAN = 256
 
+def check_guard(conn: Connection, advances: list[SourceAdvance]) -> None:
+    """Lock the batch's stream rows and prove each is where the batch starts.
 
-def tail_fingerprint(data: bytes) -> bytes:
-    """Hash of the last ``FINGERPRINT_SPAN`` bytes before a checkpoint.
-
-    Comparing it with the same span of a re-opened file tells "same content, keep going"
-    from "different file under the same name, start a new generation".
+    This is what makes COPY safe: with the rows locked and their offsets equal to the
+    batch's start, no row for those positions can exist yet, and no other writer can add one
+    before this transaction ends. A mismatch means someone else got there first.
     """
-    return hashlib.sha256(data[-FINGERPRINT_SPAN:]).digest()
+    if not advances:
+        return
+    wanted = {a.source_id: a for a in advances}
+    rows = conn.execute(
+        select(sources.c.id, sources.c.generation, sources.c.committed_offset)
+        .where(sources.c.id.in_(sorted(wanted)))
+        .order_by(sources.c.id)
+        .with_for_update()
+    ).all()
+    found = {r.id: r for r in rows}
+    for sid, adv in wanted.items():
+        row = found.get(sid)
+        if row is None or (row.generation, row.committed_offset) != (
+            adv.generation,
+            adv.start_offset,
+        ):
+            stored = None if row is None else (row.generation, row.committed_offset)
+            raise CheckpointConflict(
+                f"source {sid}: expected generation/offset "
+                f"{(adv.generation, adv.start_offset)}, database has {stored}"
+            )
 
 
-@dataclass(slots=True)
-class SourceState:
-    source_id: int
-    path: str
-    inode: int
-    device: int
-    generation: int
-    committed_offset: int
-    fingerprint: bytes | None
-    lines_committed: int = 0
+def advance(conn: Connection, advances: list[SourceAdvance]) -> None:
+    """Move the checkpoints, in the transaction of the events those bytes produced."""
+    if not advances:
+        return
+    conn.execute(
+        sources.update()
+        .where(sources.c.id == bindparam("sid"))
+        .values(
+            committed_offset=bindparam("end"),
+            lines_committed=sources.c.lines_committed + bindparam("n"),
+            fingerprint=bindparam("fp"),
+            updated_at=text("now()"),
+        ),
+        [
+            {"sid": a.source_id, "end": a.end_offset, "n": a.lines, "fp": a.fingerprint}
+            for a in advances
+        ],
+    )
 
 
-def _state(row: object) -> SourceState:
+def _state(row: object) -> StreamState:
     m = row._mapping  # type: ignore[attr-defined]
-    return SourceState(
+    return StreamState(
         source_id=m["id"],
         path=m["path"],
         inode=m["inode"],
@@ -57,21 +84,23 @@ PREFETCH_MAX = 1000
 
 
 class CheckpointStore:
+    """The stream rows a source is handed: it learns positions here, never writes offsets."""
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._prefetched: dict[str, SourceState] = {}
+        self._prefetched: dict[str, StreamState] = {}
 
-    def load_all(self) -> dict[str, SourceState]:
+    def load_all(self) -> dict[str, StreamState]:
         self._prefetched.clear()
         with self._engine.connect() as conn:
             return {s.path: s for s in map(_state, conn.execute(select(sources)))}
 
-    def load(self, path: str) -> SourceState | None:
+    def load(self, path: str) -> StreamState | None:
         with self._engine.connect() as conn:
             row = conn.execute(select(sources).where(sources.c.path == path)).first()
         return _state(row) if row else None
 
-    def register(self, path: str, inode: int, device: int) -> SourceState:
+    def register(self, path: str, inode: int, device: int) -> StreamState:
         """The source row for ``path``, created at offset 0 when new (or from ``prefetch``)."""
         state = self._prefetched.pop(path, None)
         if state is not None and (state.inode, state.device) == (inode, device):
@@ -115,7 +144,7 @@ class CheckpointStore:
             state = _state(row)
             self._prefetched[state.path] = state
 
-    def rebind(self, state: SourceState, inode: int, device: int) -> SourceState:
+    def rebind(self, state: StreamState, inode: int, device: int) -> StreamState:
         """Same content under a new inode (file replaced by a copy): keep the offset."""
         with self._engine.begin() as conn:
             row = conn.execute(
@@ -126,7 +155,7 @@ class CheckpointStore:
             ).first()
         return _state(row) if row else self._reload(state)
 
-    def new_generation(self, state: SourceState, inode: int, device: int) -> SourceState:
+    def new_generation(self, state: StreamState, inode: int, device: int) -> StreamState:
         """Different content under the same path: read it from 0 as a new generation.
 
         Guarded by the generation and offset seen, so a concurrent writer cannot be undone.
@@ -151,7 +180,7 @@ class CheckpointStore:
             ).first()
         return _state(row) if row else self._reload(state)
 
-    def _reload(self, state: SourceState) -> SourceState:
+    def _reload(self, state: StreamState) -> StreamState:
         fresh = self.load(state.path)
         assert fresh is not None, f"source {state.path} vanished"
         return fresh

@@ -18,11 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-
 from headspace_watcher.config import Config, mask_url
-from headspace_watcher.db import heartbeats, make_engine
+from headspace_watcher.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -72,26 +69,6 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def beat(engine: Engine, config: Config, snapshot: dict[str, Any]) -> None:
-    """Upsert this watcher's heartbeat row; failures are the caller's to log."""
-    now = datetime.now(UTC)
-    values = {
-        "watcher_id": watcher_id(config),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started_at": snapshot["started_at"],
-        "beat_at": now,
-        "state": snapshot["state"],
-        "health": json.loads(json.dumps(snapshot, default=str)),
-    }
-    stmt = pg_insert(heartbeats).values(values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["watcher_id"], set_={k: stmt.excluded[k] for k in values}
-    )
-    with engine.begin() as conn:
-        conn.execute(stmt)
-
-
 def read_pid(state_dir: Path) -> int | None:
     try:
         return int(pid_path(state_dir).read_text().strip())
@@ -115,15 +92,11 @@ def pid_is_watcher(pid: int) -> bool:
 
 
 def database_reachable(url: str, timeout: int = 3) -> bool:
-    engine = make_engine(url, connect_timeout=timeout, pool_size=1, max_overflow=0)
+    store = Store(url, connect_timeout=timeout, pool_size=1, max_overflow=0)
     try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-        return True
-    except Exception:
-        return False
+        return store.ping()
     finally:
-        engine.dispose()
+        store.close()
 
 
 def status(config: Config, *, check_database: bool = True) -> dict[str, Any]:
@@ -160,9 +133,7 @@ def status(config: Config, *, check_database: bool = True) -> dict[str, Any]:
         report["database_reachable"] = bool(url) and database_reachable(url)  # type: ignore[arg-type]
     if running:
         stale = _stale(report, config)
-        healthy = (
-            report.get("service_state") == "healthy" and report["database_reachable"] is not False
-        )
+        healthy = report.get("state") == "healthy" and report["database_reachable"] is not False
         report["state"] = "healthy" if healthy and not stale else "degraded"
         if stale:
             report["reason"] = "the service has not reported for a while"

@@ -1,0 +1,439 @@
+"""The watcher process's loop: sources → ingest → store, in one thread.
+
+One loop, no queues: the only buffers are what the sources know may be new and the batch
+being written, both bounded. When lines arrive one at a time each is committed at once;
+when there is a backlog, the loop keeps building batches up to the configured limits
+without waiting. When the database is unreachable the loop keeps watching but stops
+advancing (offsets stay at the last commit) and retries on a capped backoff. The loop knows
+sources only through their contract (``sources``) and the database only through ``Store``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from headspace_watcher import __version__
+from headspace_watcher.config import Config, mask_url
+from headspace_watcher.errors import AnotherInstance, CheckpointConflict, WriteAborted, WriteFailed
+from headspace_watcher.ingest.derive import Deriving
+from headspace_watcher.ingest.sessions import SessionTracker
+from headspace_watcher.records import Batch, Chunk, FileContext
+from headspace_watcher.service import health
+from headspace_watcher.service.lifecycle import (
+    ShutdownDeadline,
+    StopSignals,
+    release_free_memory,
+)
+from headspace_watcher.sources import Budget, Source
+from headspace_watcher.sources.reader import first_session_id
+from headspace_watcher.sources.transcripts import ReadLimits, TranscriptSource
+from headspace_watcher.store import Store
+from headspace_watcher.store.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_LOCKED = 0, 1, 4
+RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
+TRIM_AFTER_BYTES = 1 << 20  # ingested since the last release_free_memory()
+STATUS_EVERY_S = 1.0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Service:
+    """See the module docstring. ``run()`` returns the process exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.monotonic = monotonic
+        fw = config.file_watcher
+        es = config.event_system
+        self.batch_lines = fw["batch_max_lines"]
+        self.batch_bytes = fw["batch_max_bytes"]
+        self.retry = RetryPolicy(es["write_retry_attempts"], es["write_retry_delay_ms"] / 1000)
+        self.url = config.resolved_database_url()
+        self.store = Store(
+            self.url,
+            connect_timeout=config.raw["database"]["connect_timeout_seconds"],
+            retry=self.retry,
+            clock=clock,
+        )
+        self.tracker = SessionTracker(fw["inactivity_timeout"])
+        self.deriving = Deriving(self.tracker, fw["max_line_bytes"], clock)
+        registered = fw["mode"] == "registered"
+        self.transcripts = TranscriptSource(
+            config.projects_path,
+            self.store.checkpoints,
+            ReadLimits(fw["max_line_bytes"], fw["read_chunk_bytes"]),
+            wanted=self._monitored if registered else None,
+        )
+        self.sources: list[Source] = [self.transcripts]
+        self.signals = StopSignals(es["shutdown_timeout_seconds"])
+        self.lock = self.store.lock(
+            f"headspace-watcher:{socket.gethostname()}:{config.projects_path}",
+            f"watches {config.projects_path} on {socket.gethostname()} with this database",
+        )
+        self.started_at = clock()
+        self.state = "starting"
+        self.db_ready = False
+        self.db_failures = 0
+        self.db_retry_at = 0.0
+        self.last_error: str | None = None
+        self._refused = False  # another watcher holds the lock: leave its pid/status files
+        self._next_beat = 0.0
+        self._next_rescan = 0.0
+        self._next_status = 0.0
+        self._untrimmed = 0  # bytes ingested since the last release_free_memory()
+
+    @property
+    def stopping(self) -> bool:
+        return self.signals.stopping
+
+    # ================================================================== lifecycle
+    def run(self, once: bool = False, early_signal: list[int] | None = None) -> int:
+        self.signals.install(early_signal)
+        previous_pid = health.read_pid(self.config.state_dir)
+        health.write_pid(self.config.state_dir)
+        try:
+            self._log_ready()
+            self.transcripts.start()
+            self._connect()
+            if once:
+                return self._run_once()
+            self._loop()
+            return EXIT_OK
+        except AnotherInstance as exc:
+            log.error("refusing to start: %s", exc)
+            self._refused = True
+            return EXIT_LOCKED
+        except ShutdownDeadline:
+            log.warning("shutdown deadline reached; uncommitted batch rolled back (will re-read)")
+            return EXIT_OK
+        finally:
+            self._close()
+            if self._refused and previous_pid and health.read_pid(self.config.state_dir) is None:
+                health.write_pid(self.config.state_dir, previous_pid)  # the running one's
+
+    def _log_ready(self) -> None:
+        log.info(
+            "headspace-watcher %s starting: config %s, database %s, projects %s, mode %s",
+            __version__,
+            self.config.source,
+            mask_url(self.url),
+            self.config.projects_path,
+            self.config.file_watcher["mode"],
+            extra={"pid": os.getpid(), "state_dir": str(self.config.state_dir)},
+        )
+
+    def _close(self) -> None:
+        self.signals.close()
+        self.state = "stopped"
+        if not self._refused:
+            with contextlib.suppress(Exception):
+                self._write_status()
+        self.lock.release()
+        with contextlib.suppress(Exception):
+            self.store.close()
+        for source in self.sources:
+            source.close()
+        health.remove_pid(self.config.state_dir)
+        log.info(
+            "headspace-watcher stopped", extra={"events_written": self.store.metrics.events_written}
+        )
+
+    # ================================================================== database
+    def _connect(self) -> bool:
+        """Schema + single-instance lock + durable state; False leaves us degraded."""
+        if self.db_ready:
+            return True
+        try:
+            self.store.init()
+            self.lock.acquire()
+            self.tracker.load(self.store.load_sessions())
+            states = self.store.checkpoints.load_all()
+            for source in self.sources:
+                source.reload(states)
+        except AnotherInstance:
+            raise
+        except Exception as exc:
+            self._db_failed(exc)
+            return False
+        self.db_ready = True
+        self.db_failures = 0
+        if self.state != "healthy":
+            log.info(
+                "ready: database reachable; ingesting",
+                extra={
+                    "database": mask_url(self.url),
+                    "transcripts_found": len(self.transcripts.dirty) + len(self.transcripts.files),
+                    "sessions_active": self.tracker.active_count,
+                },
+            )
+        self.state = "healthy"
+        self.transcripts.mark_all_pending()
+        return True
+
+    def _db_failed(self, exc: BaseException) -> None:
+        self.db_ready = False
+        self.db_failures += 1
+        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        delay = self.retry.capped(self.db_failures)
+        self.db_retry_at = self.monotonic() + delay
+        if self.state != "degraded":
+            log.error(
+                "database unavailable; holding position and retrying",
+                extra={"error": self.last_error[:300], "retry_in_s": round(delay, 2)},
+            )
+        self.state = "degraded"
+        self._write_status()
+
+    # ================================================================== main loops
+    def _run_once(self) -> int:
+        while not self.stopping:
+            if not self.db_ready and not self._connect():
+                log.error("database unreachable; --once cannot finish")
+                return EXIT_FAILED
+            if self._pending():
+                if not self._step():
+                    return EXIT_FAILED
+                continue
+            if not self._end_due_sessions():
+                return EXIT_FAILED
+            if not self._pending():
+                break
+        self._write_status()
+        c = self.deriving.counters
+        log.info(
+            "caught up",
+            extra={"lines": c.lines, "turns": c.turns, "rejected": c.rejected_lines},
+        )
+        return EXIT_OK
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self._wait(self._timeout())
+            if self.stopping:
+                break
+            now = self.monotonic()
+            if not self.db_ready and (now < self.db_retry_at or not self._connect()):
+                self._maybe_beat(now)
+                continue
+            if self._pending():
+                self._step()
+                if not self._pending() and self._untrimmed >= TRIM_AFTER_BYTES:
+                    self._untrimmed = 0
+                    release_free_memory()  # backlog drained: give its heap back
+            else:
+                self._end_due_sessions()
+            self._maybe_rescan(now)
+            self._maybe_beat(now)
+
+    def _pending(self) -> bool:
+        return any(source.pending() for source in self.sources)
+
+    def _timeout(self) -> float:
+        now = self.monotonic()
+        waits = [self._next_beat - now]
+        if not self.db_ready:
+            waits.append(self.db_retry_at - now)
+        elif self._pending():
+            return 0.0
+        deadline = self.tracker.next_deadline()
+        if deadline is not None and self.db_ready:
+            waits.append((deadline - self.clock()).total_seconds())
+        if self.transcripts.watch_limit_reached:
+            waits.append(self._next_rescan - now)
+        return max(0.0, min(waits))
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep in poll() on the sources' descriptors + the signal pipe: no CPU while idle."""
+        poller = select.poll()
+        for source in self.sources:
+            fd = source.fileno()
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        poller.register(self.signals.wakeup_r, select.POLLIN)
+        poller.poll(int(timeout * 1000) + (1 if timeout > 0 else 0))
+        self.signals.drain_wakeups()
+        for source in self.sources:
+            source.drain()
+        self._end_closed_sessions()
+
+    # ================================================================== ingest
+    def _step(self) -> bool:
+        """Read one bounded batch from the sources and write it. False if the DB failed."""
+        budget = Budget(self.batch_lines, self.batch_bytes)
+        try:
+            chunks = [c for source in self.sources for c in source.read(budget)]
+        except Exception as exc:  # database errors while registering streams
+            self._db_failed(exc)
+            return False
+        self._end_closed_sessions()
+        if not chunks:
+            return True
+        batch = self.deriving.batch(chunks)
+        try:
+            result = self.store.write_batch(batch, should_abort=lambda: self.stopping)
+        except CheckpointConflict as exc:
+            return self._conflict(chunks, exc)
+        except Exception as exc:
+            self._rolled_back(chunks)
+            if not isinstance(exc, WriteFailed | WriteAborted):
+                log.exception("unexpected write error; will retry")
+            self._db_failed(exc)
+            return False
+        self._committed(chunks, result.lost)
+        self._maybe_status()
+        return True
+
+    def _committed(self, chunks: list[Chunk], lost: set[tuple[str, str]]) -> None:
+        for source in self.sources:
+            source.committed(chunks)
+        self._untrimmed += sum(c.nbytes for c in chunks)
+        self.tracker.commit()
+        for _kind, session in lost:  # someone else (CLI) decided first: adopt their view
+            self.tracker.forget(session)
+        if lost:
+            self.tracker.load(self.store.load_sessions())
+        self.deriving.counters.batches += 1
+
+    def _rolled_back(self, chunks: list[Chunk]) -> None:
+        self.tracker.rollback()
+        for source in self.sources:
+            source.rolled_back(chunks)
+
+    def _conflict(self, chunks: list[Chunk], exc: CheckpointConflict) -> bool:
+        log.warning("checkpoint moved under us; reloading", extra={"error": str(exc)})
+        self._rolled_back(chunks)
+        try:
+            self.transcripts.reload_from_store(chunks)
+            self.tracker.load(self.store.load_sessions())  # a session may have been ended
+        except Exception as reload_exc:
+            self._db_failed(reload_exc)
+            return False
+        self.transcripts.refilter()
+        return True
+
+    # ================================================================== sessions
+    def _monitored(self, path: str, ctx: FileContext) -> bool:
+        """Registered mode: read only files of sessions registered for monitoring."""
+        session = ctx.session_hint or first_session_id(path)
+        return session is not None and session in self.tracker.monitored()
+
+    def _end_closed_sessions(self) -> None:
+        """A session whose own transcript file was deleted has ended (reason ``closed``)."""
+        if not self.db_ready:
+            return
+        ends = []
+        for source in self.sources:
+            for session in source.closed_sessions():
+                info = self.tracker.get(session)
+                if info is not None and info.state == "active":
+                    ends.append((session, "closed", self.clock()))
+        if ends:
+            self._end_sessions(ends)
+
+    def _end_due_sessions(self) -> bool:
+        due = self.tracker.due(self.clock())
+        if not due:
+            return True
+        return self._end_sessions([(s, "timeout", at) for s, at in due[:500]])
+
+    def _end_sessions(self, ends: list[tuple[str, str, datetime]]) -> bool:
+        batch = Batch()
+        for session, reason, at in ends:
+            event, change = self.tracker.end(session, reason, at)
+            batch.events.append(event)
+            batch.sessions.append(change)
+        try:
+            result = self.store.write_batch(batch, should_abort=lambda: self.stopping)
+        except (WriteFailed, WriteAborted) as exc:
+            self.tracker.rollback()
+            self._db_failed(exc)
+            return False
+        self.tracker.commit()
+        if result.lost:
+            self.tracker.load(self.store.load_sessions())
+        for session, reason, _at in ends:
+            log.info("session ended", extra={"session_uuid": session, "reason": reason})
+        return True
+
+    # ================================================================== health
+    def _maybe_beat(self, now: float) -> None:
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.config.raw["health"]["heartbeat_interval_seconds"]
+        if self.config.file_watcher["mode"] == "registered" and self.db_ready:
+            with contextlib.suppress(Exception):
+                self.tracker.load(self.store.load_sessions())
+                self.transcripts.refilter()
+        self._write_status()
+        if self.db_ready:
+            try:
+                self.store.beat(health.watcher_id(self.config), self.snapshot())
+            except Exception as exc:
+                log.warning("heartbeat failed", extra={"error": str(exc).splitlines()[0][:200]})
+
+    def _maybe_status(self) -> None:
+        """Keep status.json fresh after writes without paying for it on every commit."""
+        now = self.monotonic()
+        if now >= self._next_status:
+            self._next_status = now + STATUS_EVERY_S
+            self._write_status()
+
+    def _maybe_rescan(self, now: float) -> None:
+        if self.transcripts.watch_limit_reached and now >= self._next_rescan:
+            self._next_rescan = now + RESCAN_INTERVAL_S
+            self.transcripts.rescan()
+
+    def snapshot(self) -> dict[str, Any]:
+        m = self.store.metrics
+        c = self.deriving.counters
+        now = self.clock()
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at.isoformat(),
+            "uptime_seconds": round((now - self.started_at).total_seconds(), 1),
+            "updated_at": now.isoformat(),
+            "database": mask_url(self.url),
+            "database_reachable": self.db_ready,
+            "last_write_at": m.last_write_at.isoformat() if m.last_write_at else None,
+            "events_written": m.events_written,
+            "failed_writes": m.failed_writes,
+            "rejected": m.rejected,
+            "duplicates_skipped": m.duplicates,
+            "lag_bytes": sum(s.lag_bytes() for s in self.sources),
+            "sessions_watched": self.tracker.active_count,
+            "files_watched": len(self.transcripts.files),
+            "lines_read": c.lines,
+            "turns": c.turns,
+            "skipped": c.skipped,
+            "projects_path": str(self.config.projects_path),
+            "projects_path_present": self.transcripts.root_present,
+            "last_error": self.last_error,
+        }
+
+    def _write_status(self) -> None:
+        try:
+            health.write_status(self.config.state_dir, self.snapshot())
+        except OSError as exc:
+            log.warning("cannot write status file", extra={"error": str(exc)})

@@ -1,0 +1,98 @@
+"""Sources: what produces records, and the contract every source keeps.
+
+A *source* owns one or more *streams* (today: the transcript files of the projects tree,
+``sources.transcripts``; next: the hook spool). The service's loop drives any number of
+sources through this contract and nothing else:
+
+1. **Say what is new.** ``fileno()`` is a descriptor that becomes readable when something may
+   have changed (inotify today), or ``None``; ``drain()`` consumes those notifications;
+   ``pending()`` is true while some stream may hold records past its checkpoint. A lost or
+   coalesced notification may cost a re-read, never a record: what to read is always decided
+   by comparing a stream with its durable checkpoint.
+2. **Yield complete records with their durable position.** ``read(budget)`` returns
+   ``Chunk``s: for one stream, the complete records past its committed checkpoint (each
+   with its byte offset), where they end, and the fingerprint of the bytes before that end.
+   A record that is not complete yet (no newline) is never yielded. A stream that cannot be
+   read yields a chunk with ``failure`` set instead (recorded once as a rejection).
+3. **Be advanced only by the store.** A source never writes a position. The store moves a
+   checkpoint in the same transaction as the events of its bytes; only after that commit
+   does the loop call ``committed(chunks)``, and after a failure ``rolled_back(chunks)``,
+   which makes the source offer the same records again. Exactly once follows: a record is
+   either committed with its checkpoint or offered again.
+4. **Positions come from the store.** Stream rows (id, generation, committed offset,
+   fingerprint) are created and re-bound through the ``Checkpoints`` interface the service
+   hands in (``store.checkpoints.CheckpointStore`` implements it); sources import nothing
+   from the store.
+
+``closed_sessions()`` names the sessions whose stream disappeared (the loop ends them),
+``reload(states)`` adopts checkpoints re-read from the store (after a reconnect or a
+conflict), and ``lag_bytes()`` counts complete-record bytes not yet committed (``status``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from headspace_watcher.records import Chunk, StreamState
+
+
+class Budget:
+    """How much one batch may still take: lines and bytes, shared by every source."""
+
+    __slots__ = ("bytes", "lines")
+
+    def __init__(self, lines: int, nbytes: int) -> None:
+        self.lines = lines
+        self.bytes = nbytes
+
+    def spend(self, chunk: Chunk) -> None:
+        self.lines -= chunk.count
+        self.bytes -= chunk.nbytes
+
+    @property
+    def exhausted(self) -> bool:
+        return self.lines <= 0 or self.bytes <= 0
+
+
+class Checkpoints(Protocol):
+    """Durable stream positions, as a source may use them (never to move an offset)."""
+
+    def load_all(self) -> dict[str, StreamState]: ...
+
+    def load(self, path: str) -> StreamState | None: ...
+
+    def register(self, path: str, inode: int, device: int) -> StreamState: ...
+
+    def prefetch(self, files: list[tuple[str, int, int]]) -> None: ...
+
+    def prefetched(self, path: str) -> bool: ...
+
+    def rebind(self, state: StreamState, inode: int, device: int) -> StreamState: ...
+
+    def new_generation(self, state: StreamState, inode: int, device: int) -> StreamState: ...
+
+
+class Source(Protocol):
+    """See the module docstring for the contract."""
+
+    name: str
+
+    def fileno(self) -> int | None: ...
+
+    def drain(self) -> None: ...
+
+    def pending(self) -> bool: ...
+
+    def read(self, budget: Budget) -> list[Chunk]: ...
+
+    def committed(self, chunks: list[Chunk]) -> None: ...
+
+    def rolled_back(self, chunks: list[Chunk]) -> None: ...
+
+    def closed_sessions(self) -> list[str]: ...
+
+    def reload(self, states: dict[str, StreamState]) -> None: ...
+
+    def lag_bytes(self) -> int: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,322 @@
+"""The transcript tree as a source: every ``*.jsonl`` of ``~/.claude/projects``.
+
+Discovery is ``sources.tree`` (inotify), reading is ``sources.reader`` (bounded, complete
+lines only); this module keeps, per file, the checkpoint it was handed by the store and
+decides what to read next: fair round robin over the files that may have new bytes, until
+the batch's budget is spent. A file whose bytes no longer match its checkpoint (truncated,
+replaced) is re-bound or moved to a new generation through ``Checkpoints`` — the source
+never moves an offset itself (see the contract in ``sources``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from headspace_watcher.records import Chunk, FileContext, StreamState
+from headspace_watcher.sources import Budget, Checkpoints
+from headspace_watcher.sources.layout import file_context
+from headspace_watcher.sources.reader import (
+    FileReplaced,
+    ReadResult,
+    content_matches,
+    identity,
+    read_lines,
+)
+from headspace_watcher.sources.tree import TreeWatcher
+
+log = logging.getLogger(__name__)
+
+KIND = "transcript"
+PREFETCH_MAX = 1000
+
+
+@dataclass(slots=True)
+class TrackedFile:
+    path: str
+    ctx: FileContext
+    source: StreamState
+    size: int = 0
+    partial: int = 0  # bytes after the last complete line at the last read
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLimits:
+    max_line: int
+    chunk: int
+
+
+class TranscriptSource:
+    """The projects tree; see the module docstring and the contract in ``sources``."""
+
+    name = "transcripts"
+
+    def __init__(
+        self,
+        root: Path,
+        checkpoints: Checkpoints,
+        limits: ReadLimits,
+        *,
+        wanted: Callable[[str, FileContext], bool] | None = None,
+    ) -> None:
+        self.root = root
+        self.checkpoints = checkpoints
+        self.limits = limits
+        self.watcher = TreeWatcher(root)
+        self._wanted = wanted
+        self.files: dict[str, TrackedFile] = {}
+        self.dirty: dict[str, None] = {}  # insertion-ordered set: fair round robin
+        self.unwatched: set[str] = set()  # registered mode: files of sessions not monitored
+        self._deleted: list[str] = []
+        self._closed: list[str] = []
+
+    # ------------------------------------------------------------------ what is new
+    def start(self) -> None:
+        self._discover(self.watcher.start())
+
+    def fileno(self) -> int:
+        return self.watcher.fileno()
+
+    def drain(self) -> None:
+        changes = self.watcher.read(0)
+        if changes.rescan:
+            self._discover(self.watcher.rescan())
+        for path in changes.deleted:
+            self._file_deleted(path)
+        self._discover(changes.dirty)
+
+    def rescan(self) -> None:
+        self._discover(self.watcher.rescan())
+
+    def pending(self) -> bool:
+        return bool(self.dirty)
+
+    def mark_all_pending(self) -> None:
+        for path in self.files:
+            self.dirty[path] = None
+
+    def refilter(self) -> None:
+        """Registered mode: drop files of sessions no longer monitored, retry the others."""
+        for path, tf in list(self.files.items()):
+            if not self._is_wanted(path, tf.ctx):
+                self.files.pop(path, None)
+                self.dirty.pop(path, None)
+                self.unwatched.add(path)
+        self._discover(list(self.unwatched))
+
+    def _discover(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            self.dirty[path] = None
+
+    # ------------------------------------------------------------------ reading
+    def read(self, budget: Budget) -> list[Chunk]:
+        """Chunks of complete lines from dirty files, fair round robin, within ``budget``.
+
+        Deletions seen meanwhile are acted on afterwards (``closed_sessions``).
+        """
+        chunks: list[Chunk] = []
+        self._prefetch()
+        for path in list(self.dirty):
+            if budget.exhausted:
+                break
+            chunk = self._read_file(path, budget)
+            if chunk is not None:
+                chunks.append(chunk)
+                budget.spend(chunk)
+        for path in self._deleted:
+            self._file_deleted(path)
+        self._deleted.clear()
+        return chunks
+
+    def _read_file(self, path: str, budget: Budget) -> Chunk | None:
+        try:
+            tf = self._track(path)
+            if tf is None:
+                self.dirty.pop(path, None)
+                return None
+            res = self._read(tf, budget)
+        except FileNotFoundError:
+            self.dirty.pop(path, None)
+            self._deleted.append(path)
+            return None
+        except OSError as exc:
+            return self._unreadable(path, exc)
+        if res is None:
+            return None
+        if not res.more:
+            self.dirty.pop(path, None)
+        if res.end_offset == tf.source.committed_offset:
+            return None
+        return Chunk(
+            KIND,
+            tf.path,
+            tf.source,
+            res.start,
+            res.end_offset,
+            res.lines,
+            res.oversized,
+            res.fingerprint,
+            tf.ctx,
+        )
+
+    def _read(self, tf: TrackedFile, budget: Budget) -> ReadResult | None:
+        try:
+            res = read_lines(
+                tf.path,
+                tf.source.committed_offset,
+                tf.source.inode,
+                max_lines=budget.lines,
+                max_bytes=budget.bytes,
+                max_line=self.limits.max_line,
+                chunk=self.limits.chunk,
+                fingerprint=tf.source.fingerprint,
+            )
+        except FileReplaced as exc:
+            ident = exc.identity
+            tf.source = self._reconcile(tf.source, tf.path, ident.inode, ident.device, ident.size)
+            return None  # still dirty: read again on the next step with the new state
+        tf.error = None
+        tf.size = res.size
+        tf.partial = 0 if res.more else res.size - res.end_offset
+        return res
+
+    def _unreadable(self, path: str, exc: OSError) -> Chunk | None:
+        """Log once and leave a durable record; retried when the file changes again."""
+        self.dirty.pop(path, None)
+        reason = f"unreadable_file: {exc.strerror or exc}"
+        tf = self.files.get(path)
+        if tf is not None and tf.error == reason:
+            return None
+        log.error("cannot read transcript", extra={"path": path, "error": reason})
+        if tf is None:  # no checkpoint to key the record by
+            return Chunk(KIND, path, None, 0, 0, failure=reason)
+        tf.error = reason
+        src = tf.source
+        return Chunk(KIND, path, src, src.committed_offset, src.committed_offset, failure=reason)
+
+    # ------------------------------------------------------------------ tracking
+    def _is_wanted(self, path: str, ctx: FileContext) -> bool:
+        return self._wanted is None or self._wanted(path, ctx)
+
+    def _track(self, path: str) -> TrackedFile | None:
+        """The file's state, creating/validating its checkpoint; None if not to be read now."""
+        tf = self.files.get(path)
+        if tf is not None:
+            return tf
+        ctx = file_context(path, self.root)
+        if not self._is_wanted(path, ctx):
+            self.unwatched.add(path)
+            return None
+        self.unwatched.discard(path)
+        ident = identity(path)
+        state = self.checkpoints.register(path, ident.inode, ident.device)
+        state = self._reconcile(state, path, ident.inode, ident.device, ident.size)
+        tf = TrackedFile(path, ctx, state, size=ident.size)
+        self.files[path] = tf
+        return tf
+
+    def _prefetch(self) -> None:
+        """Register the checkpoints of many new files in one transaction (a catch-up of a
+        tree), instead of one transaction each in ``_track``."""
+        if self._wanted is not None:
+            return
+        new: list[tuple[str, int, int]] = []
+        for path in self.dirty:
+            if path not in self.files and not self.checkpoints.prefetched(path):
+                with contextlib.suppress(OSError):
+                    ident = identity(path)
+                    new.append((path, ident.inode, ident.device))
+                if len(new) >= PREFETCH_MAX:
+                    break
+        if len(new) > 1:
+            self.checkpoints.prefetch(new)
+
+    def _reconcile(
+        self, state: StreamState, path: str, inode: int, device: int, size: int
+    ) -> StreamState:
+        """Same file as the checkpoint describes? Else rebind (same bytes) or new generation."""
+        same_inode = (state.inode, state.device) == (inode, device)
+        grown = size >= state.committed_offset
+        if same_inode and grown and state.fingerprint is None:
+            return state  # nothing to compare the bytes with: trust the inode
+        if grown and content_matches(path, state.committed_offset, state.fingerprint):
+            if same_inode:
+                return state
+            log.info("file replaced by a copy; continuing at checkpoint", extra={"path": path})
+            return self.checkpoints.rebind(state, inode, device)
+        log.warning(
+            "file truncated or replaced; reading it from the start as a new generation",
+            extra={"path": path, "checkpoint": state.committed_offset, "size": size},
+        )
+        return self.checkpoints.new_generation(state, inode, device)
+
+    # ------------------------------------------------------------------ after the store
+    def committed(self, chunks: list[Chunk]) -> None:
+        for c in chunks:
+            if c.failure is None and c.state is not None:
+                c.state.committed_offset = c.end
+                c.state.fingerprint = c.fingerprint
+                c.state.lines_committed += c.count
+
+    def rolled_back(self, chunks: list[Chunk]) -> None:
+        for c in chunks:
+            tf = self.files.get(c.path)
+            if tf is not None and c.failure is not None:
+                tf.error = None  # not recorded after all: record it next time
+            self.dirty[c.path] = None
+
+    def reload(self, states: dict[str, StreamState]) -> None:
+        for tf in self.files.values():
+            if tf.path in states:
+                tf.source = states[tf.path]
+
+    def reload_from_store(self, chunks: list[Chunk]) -> None:
+        """After a conflict: the checkpoints of these files as the store has them now."""
+        for c in chunks:
+            fresh = self.checkpoints.load(c.path)
+            tf = self.files.get(c.path)
+            if fresh is not None and tf is not None:
+                tf.source = fresh
+
+    # ------------------------------------------------------------------ deletions
+    def _file_deleted(self, path: str) -> None:
+        self.dirty.pop(path, None)
+        tf = self.files.pop(path, None)
+        if tf is None:
+            return
+        session = tf.ctx.session_hint
+        if tf.ctx.subagent_hint is None and session and Path(path).stem == session:
+            self._closed.append(session)
+
+    def closed_sessions(self) -> list[str]:
+        """Sessions whose own transcript file was deleted since the last call."""
+        closed, self._closed = self._closed, []
+        return closed
+
+    # ------------------------------------------------------------------ health
+    def lag_bytes(self) -> int:
+        lag = 0
+        for tf in self.files.values():
+            try:
+                size = os.stat(tf.path).st_size
+            except OSError:
+                continue
+            partial = tf.partial if size == tf.size else 0
+            lag += max(0, size - tf.source.committed_offset - partial)
+        return lag
+
+    @property
+    def root_present(self) -> bool:
+        return self.watcher.root_present
+
+    @property
+    def watch_limit_reached(self) -> bool:
+        return self.watcher.watch_limit_reached
+
+    def close(self) -> None:
+        self.watcher.close()

@@ -1,0 +1,259 @@
+"""Event and rejection rows: how a record becomes a row, and the statements that insert them.
+
+Two ways in for events, one set of outcomes. ``copy_events`` streams rows with COPY (the
+server is the bottleneck of a catch-up; COPY is its cheapest input) and is only used where
+the checkpoint guard already proved no row of those positions can exist. ``insert_careful``
+goes row by row under savepoints with ``ON CONFLICT DO NOTHING`` on every unique key
+(stream position, idempotency key): a duplicate is skipped, a row PostgreSQL refuses becomes
+a rejection, the rest is stored. Every event is validated against the taxonomy here, just
+before its row is sent, so nothing unvalidated reaches the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from headspace_watcher.errors import InvalidEvent
+from headspace_watcher.records import Event, Rejection, SourcePosition
+from headspace_watcher.store.retry import is_transient
+from headspace_watcher.store.schema import events, rejected_events
+from headspace_watcher.taxonomy import REGISTRY, validate_payload
+
+log = logging.getLogger(__name__)
+
+RAW_TEXT_CAP = 64 * 1024
+EVENT_COLUMNS = (
+    "timestamp",
+    "event_type",
+    "payload",
+    "project_id",
+    "agent_id",
+    "task_id",
+    "turn_id",
+    "source_id",
+    "source_generation",
+    "source_offset",
+    "source_seq",
+    "idempotency_key",
+)
+_COPY_SQL = f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN"
+
+
+@dataclass(slots=True)
+class Outcomes:
+    """Per event, in order: the new id, ``None`` for a duplicate, or the rejection reason."""
+
+    ids: list[int | None] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)  # index → why it was rejected
+    written: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+
+
+def storable_text(raw: bytes | str) -> str:
+    """Raw input as text PostgreSQL accepts: bad bytes escaped, NUL and surrogates escaped."""
+    if isinstance(raw, bytes):
+        value = raw[:RAW_TEXT_CAP].decode("utf-8", "backslashreplace")
+    else:
+        value = raw[:RAW_TEXT_CAP].encode("utf-8", "backslashreplace").decode("utf-8")
+    return value.replace("\x00", "\\x00")
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def payload_json(event_type: str, payload: dict[str, Any]) -> str:
+    """The payload as JSON text; orjson (~2.5x faster) only for closed schemas.
+
+    A closed schema (``EventType.closed``) admits only strings, booleans, lists of strings and
+    dicts of integers, where orjson writes the same document as ``json``. Open payloads may
+    hold floats (orjson writes NaN as null) or types orjson serialises and ``json`` refuses.
+    Integers beyond 64 bits (orjson refuses them) take ``json``.
+    """
+    entry = REGISTRY.get(event_type)
+    if entry is not None and entry.closed:
+        try:
+            return orjson.dumps(payload).decode()
+        except TypeError:
+            pass
+    return _dumps(payload)
+
+
+def event_row(e: Event) -> tuple[Any, ...]:
+    """The event as a tuple in ``EVENT_COLUMNS`` order (the payload already as JSON text)."""
+    p = e.position
+    return (
+        e.timestamp,
+        e.event_type,
+        payload_json(e.event_type, e.payload),
+        e.project_id,
+        e.agent_id,
+        e.task_id,
+        e.turn_id,
+        p.source_id if p else None,
+        p.generation if p else None,
+        p.offset if p else None,
+        p.seq if p else None,
+        e.idempotency_key,
+    )
+
+
+def validate(e: Event) -> InvalidEvent | None:
+    """Normalise ``e.payload`` in place; the error instead when it breaks its schema."""
+    try:
+        e.payload = validate_payload(e.event_type, e.payload)
+    except InvalidEvent as exc:
+        return exc
+    return None
+
+
+def copy_events(conn: Connection, evts: list[Event], invalid: list[Rejection]) -> int:
+    """COPY the valid events, validating each just before its row is sent.
+
+    Why here rather than before the transaction: the server works through the rows already
+    sent while Python validates and serialises the next ones, so validation costs no wall
+    time. Invalid events are appended to ``invalid`` and left out. Returns the rows sent.
+    """
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    sent = 0
+    with raw.cursor() as cur, cur.copy(_COPY_SQL) as copy:
+        for e in evts:
+            error = validate(e)
+            if error is not None:
+                invalid.append(invalid_rejection(e, error))
+                continue
+            copy.write_row(event_row(e))
+            sent += 1
+    return sent
+
+
+def insert_careful(conn: Connection, evts: Iterable[Event]) -> tuple[Outcomes, list[Rejection]]:
+    """Row by row with savepoints: duplicates skipped, invalid and refused rows rejected.
+
+    Returns the outcomes and the rejections to store (the caller inserts them in the same
+    transaction).
+    """
+    out = Outcomes()
+    rejections: list[Rejection] = []
+    for i, e in enumerate(evts):
+        error = validate(e)
+        if error is not None:
+            rejections.append(invalid_rejection(e, error))
+            out.ids.append(None)
+            out.reasons[i] = rejections[-1].reason
+            continue
+        values = dict(zip(EVENT_COLUMNS, event_row(e), strict=True))
+        values["payload"] = e.payload
+        stmt = pg_insert(events).values(values).on_conflict_do_nothing().returning(events.c.id)
+        try:
+            with conn.begin_nested():
+                new_id = conn.execute(stmt).scalar()
+        except sa_exc.DBAPIError as exc:
+            if is_transient(exc):
+                raise
+            rejections.append(poison_rejection(e, exc))
+            out.ids.append(None)
+            out.reasons[i] = rejections[-1].reason
+            continue
+        out.ids.append(new_id)
+        if new_id is None:
+            out.duplicates += 1
+            log.warning(
+                "event already stored, skipped",
+                extra={"event_type": e.event_type, "position": _position(e.position)},
+            )
+        else:
+            out.written += 1
+    return out, rejections
+
+
+def insert_rejections(conn: Connection, rejections: list[Rejection]) -> int:
+    """Dead-letter rows, idempotent by stream position; returns how many were new."""
+    if not rejections:
+        return 0
+    rows = [rejection_row(r) for r in rejections]
+    stmt = (
+        pg_insert(rejected_events)
+        .on_conflict_do_nothing(
+            index_elements=["source_id", "source_generation", "byte_offset", "source_seq"]
+        )
+        .returning(rejected_events.c.id)
+    )
+    stored = conn.execute(stmt.values(rows)).all()
+    for r in rejections:
+        log.warning(
+            "rejected",
+            extra={"reason": r.reason, "source_path": r.source_path, "offset": r.offset},
+        )
+    return len(stored)
+
+
+def rejection_row(r: Rejection) -> dict[str, Any]:
+    p = r.position
+    full = r.full_length if r.full_length is not None else len(r.raw)
+    return {
+        "source_path": storable_text(r.source_path) if r.source_path is not None else None,
+        "byte_offset": r.offset if r.offset is not None else (p.offset if p else None),
+        "raw_text": storable_text(r.raw),
+        "raw_length": full,
+        "reason": storable_text(r.reason),
+        "event_type": r.event_type,
+        "details": json.loads(storable_text(_dumps(r.details))) if r.details else None,
+        "source_id": p.source_id if p else None,
+        "source_generation": p.generation if p else None,
+        "source_seq": p.seq if p else None,
+    }
+
+
+def invalid_rejection(event: Event, exc: InvalidEvent) -> Rejection:
+    return Rejection(
+        reason=f"invalid_payload: {exc}",
+        raw=safe_dumps(event.payload),
+        offset=event.position.offset if event.position else None,
+        position=event.position,
+        event_type=event.event_type,
+        details={"field": exc.field} if exc.field else {},
+    )
+
+
+def poison_rejection(event: Event, exc: BaseException) -> Rejection:
+    log.error(
+        "event refused by the database",
+        extra={"event_type": event.event_type, "error": describe(exc)},
+    )
+    return Rejection(
+        reason=f"database_refused: {describe(exc)}",
+        raw=safe_dumps(event.payload),
+        offset=event.position.offset if event.position else None,
+        position=event.position,
+        event_type=event.event_type,
+    )
+
+
+def safe_dumps(payload: Any) -> str:
+    try:
+        return json.dumps(payload, ensure_ascii=False, default=repr)
+    except Exception:
+        return repr(payload)
+
+
+def _position(p: SourcePosition | None) -> str | None:
+    return None if p is None else f"{p.source_id}/{p.generation}/{p.offset}/{p.seq}"
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming the error (its first line, capped): for logs, rows and the CLI."""
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {first[0] if first else ''}"[:500]

@@ -1,0 +1,173 @@
+"""The ``sessions`` table: loading it, and applying lifecycle decisions under their guards.
+
+Every write of a session row goes through here. A decision (``SessionChange``) applies only
+if the row is still in the state its decider saw (state + epoch): a CLI ``register`` racing
+the service's own discovery of the session yields one ``session_registered``, never two.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from headspace_watcher.errors import CheckpointConflict
+from headspace_watcher.records import SessionChange, SessionInfo
+from headspace_watcher.store.references import References
+from headspace_watcher.store.schema import sessions
+
+_VALUE_COLUMNS = (
+    "session_uuid",
+    "state",
+    "epoch",
+    "registered_at",
+    "last_activity_at",
+    "project_path",
+    "project_id",
+    "agent_id",
+    "ended_at",
+    "end_reason",
+    "monitored",
+    "working_directory",
+    "iterm_pane_id",
+)
+
+
+def info_from_row(r: Any) -> SessionInfo:
+    return SessionInfo(
+        r.session_uuid,
+        r.state,
+        r.epoch,
+        r.registered_at,
+        r.last_activity_at,
+        r.project_path,
+        r.monitored,
+        r.working_directory,
+        r.iterm_pane_id,
+    )
+
+
+def load_all(engine: Engine) -> list[SessionInfo]:
+    """Every session row (the tracker's durable state at start and after a conflict)."""
+    with engine.connect() as conn:
+        return [info_from_row(r) for r in conn.execute(select(sessions))]
+
+
+def load_one(engine: Engine, session_uuid: str) -> SessionInfo | None:
+    with engine.connect() as conn:
+        r = conn.execute(select(sessions).where(sessions.c.session_uuid == session_uuid)).first()
+    return None if r is None else info_from_row(r)
+
+
+def set_monitoring(
+    conn: Connection,
+    session_uuid: str,
+    monitored: bool,
+    details: dict[str, str | None] | None = None,
+) -> None:
+    """Registered mode's flag (and the registration details) without a lifecycle change."""
+    conn.execute(
+        update(sessions)
+        .where(sessions.c.session_uuid == session_uuid)
+        .values(monitored=monitored, **(details or {}))
+    )
+
+
+def apply_changes(
+    conn: Connection, changes: list[SessionChange], refs: References
+) -> set[tuple[str, str]]:
+    """Apply lifecycle changes under their guards; return the (kind, uuid) that lost.
+
+    An ``activity`` change whose session was ended meanwhile (``unregister``) raises
+    CheckpointConflict: nothing of the batch is stored; the caller reloads and redoes it.
+    """
+    lost: set[tuple[str, str]] = set()
+    for ch in _coalesce(changes):
+        i = ch.info
+        if ch.kind == "activity":
+            params = {
+                "uuid": i.session_uuid,
+                "expected_epoch": ch.expected_epoch,
+                "at": i.last_activity_at,
+            }
+            if conn.execute(_activity_stmt(), params).rowcount == 0:
+                raise CheckpointConflict(
+                    f"session {i.session_uuid} is no longer active with epoch {ch.expected_epoch}"
+                )
+            continue
+        if ch.kind == "end" and ch.expected_epoch == 0:
+            lost.add((ch.kind, i.session_uuid))
+            continue
+        values = {
+            "session_uuid": i.session_uuid,
+            "state": i.state,
+            "epoch": i.epoch,
+            "registered_at": i.registered_at,
+            "last_activity_at": i.last_activity_at,
+            "project_path": i.project_path,
+            "project_id": refs.project_id(i.project_path),
+            "agent_id": refs.agent_id(i.session_uuid),
+            "ended_at": ch.ended_at,
+            "end_reason": ch.end_reason,
+            "monitored": i.monitored,
+            "working_directory": i.working_directory,
+            "iterm_pane_id": i.iterm_pane_id,
+            "expected_epoch": ch.expected_epoch,
+        }
+        if conn.execute(_upsert_stmt(ch.kind == "register"), values).first() is None:
+            lost.add((ch.kind, i.session_uuid))
+    return lost
+
+
+@functools.cache
+def _activity_stmt() -> Any:
+    """Built once: constructing these per change cost ~2 ms each (a catch-up has thousands)."""
+    return (
+        sessions.update()
+        .where(
+            sessions.c.session_uuid == bindparam("uuid"),
+            sessions.c.state == "active",
+            sessions.c.epoch == bindparam("expected_epoch"),
+        )
+        .values(last_activity_at=func.greatest(sessions.c.last_activity_at, bindparam("at")))
+    )
+
+
+@functools.cache
+def _upsert_stmt(register: bool) -> Any:
+    """The guarded upsert of a ``register`` (row absent or ended with the expected epoch)
+    or an ``end`` (row active with the expected epoch); parameters named as the columns,
+    plus ``expected_epoch``. Returns the epoch, or no row when the guard failed."""
+    ins = pg_insert(sessions).values({c: bindparam(c) for c in _VALUE_COLUMNS})
+    keep: dict[str, Any] = {c: ins.excluded[c] for c in _VALUE_COLUMNS[1:]}
+    for key in ("project_id", "agent_id", "project_path", "working_directory", "iterm_pane_id"):
+        keep[key] = func.coalesce(ins.excluded[key], sessions.c[key])
+    if register:
+        keep["monitored"] = sessions.c.monitored | ins.excluded.monitored
+    want_state = "ended" if register else "active"
+    return ins.on_conflict_do_update(
+        index_elements=["session_uuid"],
+        set_=keep,
+        where=(sessions.c.state == want_state) & (sessions.c.epoch == bindparam("expected_epoch")),
+    ).returning(sessions.c.epoch)
+
+
+def _coalesce(changes: list[SessionChange]) -> list[SessionChange]:
+    """One change per session and batch: an activity update folds into the change before it."""
+    out: list[SessionChange] = []
+    where: dict[str, int] = {}
+    latest: dict[int, SessionInfo] = {}  # folded activity: the last info wins (one replace)
+    for ch in changes:
+        key = ch.info.session_uuid
+        at = where.get(key)
+        if at is not None and ch.kind == "activity" and out[at].kind != "end":
+            latest[at] = ch.info
+            continue
+        where[key] = len(out)
+        out.append(ch)
+    for at, info in latest.items():
+        out[at] = replace(out[at], info=info)
+    return out
