@@ -101,6 +101,7 @@ class Service:
         self._next_rescan = 0.0
         self._next_status = 0.0
         self._untrimmed = 0  # bytes ingested since the last release_free_memory()
+        self.checkpoint_conflicts = 0  # batches refused by the guard (0 in steady state)
 
     @property
     def stopping(self) -> bool:
@@ -321,6 +322,7 @@ class Service:
 
     def _conflict(self, chunks: list[Chunk], exc: CheckpointConflict) -> bool:
         log.warning("checkpoint moved under us; reloading", extra={"error": str(exc)})
+        self.checkpoint_conflicts += 1
         self._rolled_back(chunks)
         try:
             self.transcripts.reload_from_store(chunks)
@@ -421,6 +423,7 @@ class Service:
             "failed_writes": m.failed_writes,
             "rejected": m.rejected,
             "duplicates_skipped": m.duplicates,
+            "checkpoint_conflicts": self.checkpoint_conflicts,
             "lag_bytes": sum(s.lag_bytes() for s in self.sources),
             "sessions_watched": self.tracker.active_count,
             "files_watched": len(self.transcripts.files),
