@@ -209,14 +209,17 @@ def _env_for(env: Mapping[str, str] | None) -> dict[str, str]:
 _ORIGINAL_ARGS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
-def _serve_args(original: str, state_dir: Path, port: int) -> str:
-    """``original`` plus ``--state-dir``/``--port`` unless circus.ini already gives them."""
+def _serve_args(original: str, state_dir: Path, port: int, tcp: bool = False) -> str:
+    """``original`` plus ``--state-dir``/``--port`` unless circus.ini already gives them,
+    and ``--tcp`` when ``database.embedded_tcp`` is on."""
     words = shlex.split(original or "")
     extra: list[str] = []
     if not any(w == "--state-dir" or w.startswith("--state-dir=") for w in words):
         extra += ["--state-dir", str(state_dir)]
     if not any(w == "--port" or w.startswith("--port=") for w in words):
         extra += ["--port", str(port)]
+    if tcp and "--tcp" not in words:
+        extra.append("--tcp")
     return shlex.join([*words, *extra])
 
 
@@ -226,7 +229,9 @@ def before_start_postgres(watcher: Any, arbiter: Any, hook_name: str, **_: Any) 
     With ``database.url`` or ``HEADSPACE_DATABASE_URL`` set, return False: circus then leaves
     the watcher ``stopped`` (also on ``circusctl start postgres``).  Otherwise add the
     configuration's state directory and ``database.embedded_port`` to the ``serve`` command,
-    so the server listens where the service will connect.
+    so the server listens where the service will connect.  A socket or (with
+    ``database.embedded_tcp``) a port already taken is refused here with an ERROR naming it
+    and the key to set, and the watcher stays stopped: no crash loop.
     """
     from headspace_watcher.config import (
         DEFAULT_EMBEDDED_PORT,
@@ -235,7 +240,7 @@ def before_start_postgres(watcher: Any, arbiter: Any, hook_name: str, **_: Any) 
         load_config,
         mask_url,
     )
-    from headspace_watcher.store.embedded import default_state_dir
+    from headspace_watcher.store.embedded import PgServerError, check_can_serve, default_state_dir
 
     try:
         env = _env_for(getattr(watcher, "env", None))
@@ -255,7 +260,7 @@ def before_start_postgres(watcher: Any, arbiter: Any, hook_name: str, **_: Any) 
                 watcher.name,
                 exc,
             )
-            state_dir, port = default_state_dir(), DEFAULT_EMBEDDED_PORT
+            state_dir, port, tcp = default_state_dir(), DEFAULT_EMBEDDED_PORT, False
         else:
             if not config.uses_embedded_database:
                 logger.info(
@@ -266,10 +271,24 @@ def before_start_postgres(watcher: Any, arbiter: Any, hook_name: str, **_: Any) 
                 )
                 return False
             state_dir, port = config.state_dir, int(config.raw["database"]["embedded_port"])
+            tcp = config.embedded_tcp
+        try:
+            check_can_serve(state_dir, port, tcp=tcp)
+        except PgServerError as exc:
+            logger.error(
+                "%s: %s; it stays stopped (fix it, then: circusctl start %s)",
+                watcher.name,
+                exc,
+                watcher.name,
+            )
+            return False
         original = _ORIGINAL_ARGS.setdefault(watcher, watcher.args or "")
-        watcher.args = _serve_args(original, Path(state_dir), port)
+        watcher.args = _serve_args(original, Path(state_dir), port, tcp)
         logger.info(
-            "%s: embedded PostgreSQL on 127.0.0.1:%d, state dir %s", watcher.name, port, state_dir
+            "%s: embedded PostgreSQL on its unix socket%s, state dir %s",
+            watcher.name,
+            f" and 127.0.0.1:{port}" if tcp else "",
+            state_dir,
         )
         return True
     except Exception:

@@ -150,7 +150,11 @@ def cmd_unregister(args: argparse.Namespace) -> int:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    """Embedded PostgreSQL data dir + schema when no external database is configured."""
+    """Embedded PostgreSQL data dir + schema when no external database is configured.
+
+    The superuser sets up (service role, ownership, upgrade of an older cluster); the schema
+    is then created as the service role, so the service owns its tables and nothing more.
+    """
     from headspace_watcher import config as config_mod
     from headspace_watcher.store import Store
     from headspace_watcher.store import embedded as pgserver

@@ -28,7 +28,12 @@ ENV_PROJECTS_PATH = "HEADSPACE_PROJECTS_PATH"
 ENV_STATE_DIR = "HEADSPACE_STATE_DIR"
 
 DEFAULTS: dict[str, Any] = {
-    "database": {"url": None, "connect_timeout_seconds": 5, "embedded_port": DEFAULT_EMBEDDED_PORT},
+    "database": {
+        "url": None,
+        "connect_timeout_seconds": 5,
+        "embedded_port": DEFAULT_EMBEDDED_PORT,
+        "embedded_tcp": False,
+    },
     "file_watcher": {
         "projects_path": "~/.claude/projects",
         "mode": "all",
@@ -96,6 +101,7 @@ SCHEMA = Schema(
             "url": _url,
             "connect_timeout_seconds": _int(1, 300),
             "embedded_port": _int(1024, 65535),
+            "embedded_tcp": All(bool, msg="expected true or false"),
         },
         Required("file_watcher"): {
             "projects_path": _STR,
@@ -145,8 +151,15 @@ class Config:
     def uses_embedded_database(self) -> bool:
         return self.database_url is None
 
+    @property
+    def embedded_tcp(self) -> bool:
+        """Whether the embedded server also listens on 127.0.0.1 (the service never uses it)."""
+        return bool(self.raw["database"]["embedded_tcp"])
+
     def resolved_database_url(self) -> str:
-        """The URL to connect to: the configured one, or the embedded server's."""
+        """The URL to connect to: the configured one, or the embedded server's — its
+        non-superuser service role over the private unix socket (never TCP, which another
+        local user could squat)."""
         if self.database_url is not None:
             return self.database_url
         from headspace_watcher.store import embedded as pgserver

@@ -12,6 +12,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from headspace_watcher.store.embedded import _create_database, _drop_database, _libpq_conninfo
+from headspace_watcher.store.engine import auth_requirements
 
 
 class PgServer(Protocol):
@@ -42,7 +43,8 @@ class ExternalServer:
     def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
         kwargs.setdefault("autocommit", True)
         kwargs.setdefault("connect_timeout", 10)
-        return psycopg.connect(_libpq_conninfo(self.url(dbname)), **kwargs)
+        url = self.url(dbname)
+        return psycopg.connect(_libpq_conninfo(url), **{**auth_requirements(url), **kwargs})
 
     def create_database(self, name: str, *, exist_ok: bool = False) -> bool:
         with self.connect() as conn:

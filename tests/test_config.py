@@ -37,6 +37,7 @@ database:
   url: postgresql+psycopg://watcher@db.example:5433/headspace
   connect_timeout_seconds: 7
   embedded_port: 55000
+  embedded_tcp: true
 file_watcher:
   projects_path: {projects}
   mode: registered
@@ -71,7 +72,9 @@ def test_loads_every_key_from_file(tmp_path: Path) -> None:
         "url": "postgresql+psycopg://watcher@db.example:5433/headspace",
         "connect_timeout_seconds": 7,
         "embedded_port": 55000,
+        "embedded_tcp": True,
     }
+    assert cfg.embedded_tcp is True
     assert cfg.projects_path == tmp_path / "p"
     assert cfg.state_dir == (tmp_path / "s").resolve()
     assert cfg.file_watcher == {

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from pg_servers import ExternalServer, PgServer
 from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
 
 from headspace_watcher.store import embedded as pgserver
 from headspace_watcher.store.embedded import (
@@ -293,7 +294,17 @@ def test_ensure_embedded_is_idempotent(world_tmp: Path) -> None:
     password = password_file.read_text().strip()
     assert len(password) >= 32
     assert url == embedded_url(state, 54000)
-    assert f":{password}@127.0.0.1:54000/headspace" in url
+    service_password = (state / "pg" / "service-password").read_text().strip()
+    assert stat.S_IMODE((state / "pg" / "service-password").stat().st_mode) == 0o600
+    assert service_password != password
+    parsed = make_url(url)
+    assert (parsed.username, parsed.password) == ("headspace_watcher", service_password)
+    assert (parsed.host, parsed.database) == (None, "headspace")  # no TCP host: the socket
+    socket_dir = Path(parsed.query["host"])
+    assert socket_dir == state / "pgsocket" and parsed.query["port"] == "54000"
+    assert stat.S_IMODE(socket_dir.lstat().st_mode) == 0o700
+    if os.geteuid() == 0:  # the server user owns it (postgres drops root)
+        assert socket_dir.lstat().st_uid != 0
     data_dir = Path(os.path.realpath(embedded_data_dir(state)))
     assert (data_dir / "PG_VERSION").is_file()
     assert "scram-sha-256" in (data_dir / "pg_hba.conf").read_text()

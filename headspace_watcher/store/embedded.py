@@ -15,6 +15,12 @@ rest with care:
   world-readable cache directory, and the embedded data directory is placed under
   ``/var/lib/headspace-watcher`` with ``<state_dir>/pgdata`` a symlink to it.
 * fsync stays on everywhere: the exactly-once tests are only meaningful with a durable server.
+* The embedded server is reached over a unix socket in a private directory (0700, owned by
+  the server user, verified before every use), never over TCP, which any local user could
+  squat; TCP on 127.0.0.1 is opt-in (``database.embedded_tcp``).  The service connects as
+  :data:`SERVICE_ROLE` (owns its database and tables, no superuser); the superuser is only
+  used by set-up.  Every password-carrying connection requires SCRAM (``require_auth``), so
+  an impostor asking for a cleartext or MD5 password gets nothing.
 
 Entry points: :class:`PgCluster` (tests, benchmarks), :func:`ensure_embedded` /
 :func:`embedded_url` (``just setup``, config) and :func:`serve` (circus), also reachable as
@@ -59,6 +65,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_EMBEDDED_PORT = 54329
 DEFAULT_SUPERUSER = "headspace"
 EMBEDDED_DATABASE = "headspace"
+SERVICE_ROLE = "headspace_watcher"
+"""The embedded server's role for the service: owns database ``headspace``, no superuser."""
 
 ENV_BIN_DIR = "HEADSPACE_PG_BIN_DIR"
 """Force a specific directory holding ``initdb`` and ``postgres``."""
@@ -72,6 +80,9 @@ _DEFAULT_RELOCATE_ROOT = Path("/var/lib/headspace-watcher")
 _UNPRIVILEGED_USERS = ("postgres", "nobody")
 _MANIFEST = ".headspace-manifest"
 _UNIX_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+_SOCKET_DIR_NAME = "pgsocket"
+_SOCKET_FALLBACK_ROOT = Path("/tmp")
+_SETUP_LEVEL = "service-role-v1"  # in the set-up marker: bump to make `setup` redo its work
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 60.0
 
@@ -502,6 +513,17 @@ def _ensure_user_dir(path: Path, run_as: RunAs | None, mode: int = 0o700) -> Non
     os.chmod(path, mode)
 
 
+def _hba_trusting_superuser_only(superuser: str) -> str:
+    """pg_hba.conf of a password-less (test) cluster: its superuser is trusted, every other
+    role must prove its password with SCRAM (as the service does on a real server)."""
+    rules = [f"{kind} all {superuser} {where} trust" for kind, where in _HBA_SOURCES]
+    rules += [f"{kind} all all {where} scram-sha-256" for kind, where in _HBA_SOURCES]
+    return "# written by headspace_watcher.store.embedded.init_cluster\n" + "\n".join(rules) + "\n"
+
+
+_HBA_SOURCES = (("local", ""), ("host", "127.0.0.1/32"), ("host", "::1/128"))
+
+
 def init_cluster(
     data_dir: Path | str,
     *,
@@ -512,7 +534,8 @@ def init_cluster(
 ) -> bool:
     """Create a cluster in ``data_dir`` unless one is already there; True if it ran initdb.
 
-    Auth is scram-sha-256 (host and local) when ``password`` is given, trust otherwise.
+    Auth is scram-sha-256 (host and local) when ``password`` is given; otherwise only the
+    superuser is trusted (:func:`_hba_trusting_superuser_only`).
     initdb runs in a sibling staging directory that is renamed into place, so an interrupted
     initdb never leaves a half-made cluster that later runs would mistake for a real one.
     """
@@ -569,6 +592,8 @@ def init_cluster(
             raise PgServerError(
                 f"initdb failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}"
             )
+        if password is None:
+            (target / "pg_hba.conf").write_text(_hba_trusting_superuser_only(superuser))
         if not in_place:
             os.rename(target, data_dir)
     finally:
@@ -681,6 +706,7 @@ class PgCluster:
         data_dir: Path | str | None = None,
         settings: Mapping[str, str] | None = None,
         start_timeout: float = _START_TIMEOUT,
+        tcp: bool = True,
     ) -> None:
         self.base_dir = Path(base_dir).absolute()
         self.data_dir = Path(os.path.realpath(data_dir or self.base_dir / "data"))
@@ -690,6 +716,7 @@ class PgCluster:
         self.dbname = dbname
         self.settings: dict[str, str] = dict(settings or {})
         self.start_timeout = start_timeout
+        self.tcp = tcp
         self._port = port
         self._port_fixed = port is not None
         self._run_as = resolve_run_as(run_as, self.data_dir)
@@ -708,7 +735,8 @@ class PgCluster:
 
     @property
     def host(self) -> str:
-        return "127.0.0.1"
+        """127.0.0.1, or the socket directory of a server without TCP (``tcp=False``)."""
+        return "127.0.0.1" if self.tcp else str(self.socket_dir)
 
     @property
     def run_as(self) -> RunAs | None:
@@ -773,12 +801,14 @@ class PgCluster:
         run_as = self._run_as
         _ensure_user_dir(self.socket_dir, run_as)
         socket_dir = self.socket_dir if _socket_dir_usable(self.socket_dir, self.port) else None
+        if socket_dir is None and not self.tcp:
+            raise PgServerError(f"socket directory {self.socket_dir} is too long for a socket")
         args = [
             self.binaries.postgres,
             "-D", str(self.data_dir),
             "-p", str(self.port),
             "-k", str(socket_dir) if socket_dir else "",
-            "-c", f"listen_addresses={self.host}",
+            "-c", f"listen_addresses={'127.0.0.1' if self.tcp else ''}",
         ]  # fmt: skip
         for key, value in self.settings.items():
             args += ["-c", f"{key}={value}"]
@@ -906,20 +936,17 @@ class PgCluster:
     # -- access ----------------------------------------------------------------------------
 
     def url(self, dbname: str | None = None) -> str:
-        """SQLAlchemy URL ``postgresql+psycopg://user[:pass]@127.0.0.1:PORT/dbname``."""
-        return URL.create(
-            "postgresql+psycopg",
-            username=self.superuser,
-            password=self.password,
-            host=self.host,
-            port=self.port,
-            database=dbname or self.dbname,
-        ).render_as_string(hide_password=False)
+        """SQLAlchemy URL ``postgresql+psycopg://user[:pass]@127.0.0.1:PORT/dbname`` (the
+        socket directory in the query instead when ``tcp=False``)."""
+        return _pg_url(self.superuser, self.password, self.host, self.port, dbname or self.dbname)
 
     def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
-        """A psycopg connection (autocommit by default) as the superuser."""
+        """A psycopg connection (autocommit by default) as the superuser; with a password,
+        only to a server that proves it knows it (SCRAM)."""
         kwargs.setdefault("autocommit", True)
         kwargs.setdefault("connect_timeout", 10)
+        if self.password is not None:
+            kwargs.setdefault("require_auth", "scram-sha-256")
         return psycopg.connect(
             host=self.host,
             port=self.port,
@@ -953,15 +980,29 @@ def _password_path(state_dir: Path) -> Path:
     return Path(state_dir) / "pg" / "password"
 
 
-def read_password(state_dir: Path | str) -> str:
-    """The embedded server's superuser password (raises if ``ensure_embedded`` never ran)."""
-    path = _password_path(Path(state_dir))
+def _service_password_path(state_dir: Path) -> Path:
+    return Path(state_dir) / "pg" / "service-password"
+
+
+def _serve_error_path(state_dir: Path) -> Path:
+    return Path(state_dir) / "pg" / "serve.error"
+
+
+def _read_secret(path: Path) -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        raise PgServerError(
-            f"{path} missing: run `just setup` (python -m headspace_watcher.store.embedded ensure)"
-        ) from None
+        raise PgServerError(f"{path} missing: run `headspace-watcher setup` (just setup)") from None
+
+
+def read_password(state_dir: Path | str) -> str:
+    """The embedded server's superuser password (raises if ``ensure_embedded`` never ran)."""
+    return _read_secret(_password_path(Path(state_dir)))
+
+
+def read_service_password(state_dir: Path | str) -> str:
+    """The password of :data:`SERVICE_ROLE`, the role the service connects as."""
+    return _read_secret(_service_password_path(Path(state_dir)))
 
 
 def _ensure_password(path: Path) -> tuple[str, bool]:
@@ -999,19 +1040,124 @@ def embedded_data_dir(state_dir: Path | str) -> Path:
     return Path(state_dir).absolute() / "pgdata"
 
 
+# -- the unix socket directory -----------------------------------------------------------------
+
+
+def _embedded_run_as(state_dir: Path) -> RunAs | None:
+    """Who the embedded server runs as (the data directory's owner once it exists)."""
+    link = embedded_data_dir(state_dir)
+    existing = Path(os.path.realpath(link)) if (link.exists() or link.is_symlink()) else None
+    return resolve_run_as(None, existing)
+
+
+def embedded_socket_dir(
+    state_dir: Path | str, port: int = DEFAULT_EMBEDDED_PORT, run_as: RunAs | None = None
+) -> Path:
+    """Where the embedded server's unix socket lives: ``<state_dir>/pgsocket``.
+
+    Falls back to ``/tmp/headspace-pg-<hash of the state dir>`` when that path is too long
+    for a unix socket (``sun_path``: 107 bytes) or the server user cannot reach the state
+    directory (root's state dir under a mode-700 home).  Either way the directory is private
+    (0700, owned by the server user): only that user and root can reach the socket.
+    """
+    state_dir = Path(state_dir).absolute()
+    run_as = run_as if run_as is not None else _embedded_run_as(state_dir)
+    primary = state_dir / _SOCKET_DIR_NAME
+    if _socket_dir_usable(primary, port) and user_can_access(state_dir, run_as, 1):
+        return primary
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    return _SOCKET_FALLBACK_ROOT / f"headspace-pg-{digest}"
+
+
+def _server_uid(run_as: RunAs | None) -> int:
+    return run_as.uid if run_as is not None else os.geteuid()
+
+
+def verify_socket_dir(path: Path, run_as: RunAs | None) -> None:
+    """Refuse a socket directory that is not a real directory owned by the server user with
+    mode 0700: anyone else who could write there could put a socket of their own in it."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise PgServerError(
+            f"socket directory {path} does not exist: run `headspace-watcher setup`"
+        ) from None
+    expected = _server_uid(run_as)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PgServerError(f"socket directory {path} is not a directory (a symlink?): refusing it")
+    if st.st_uid != expected:
+        raise PgServerError(
+            f"socket directory {path} belongs to uid {st.st_uid}, not to the server user "
+            f"(uid {expected}): someone else created it; refusing to use it. Remove it, or set "
+            "HEADSPACE_STATE_DIR to a shorter path"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise PgServerError(
+            f"socket directory {path} has mode {stat.S_IMODE(st.st_mode):o}, expected 700: "
+            "refusing to use it"
+        )
+
+
+def ensure_socket_dir(path: Path, run_as: RunAs | None) -> Path:
+    """Create the private socket directory (0700, owned by the server user), or accept one
+    we made before; refuse one that someone else made (see :func:`verify_socket_dir`)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = path.lstat()
+    ours = stat.S_ISDIR(st.st_mode) and st.st_uid in (os.geteuid(), _server_uid(run_as))
+    if ours and st.st_uid != _server_uid(run_as):  # made by us (root): hand it over
+        os.chown(path, _server_uid(run_as), run_as.gid if run_as else -1)
+    if ours and stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    verify_socket_dir(path, run_as)
+    return path
+
+
+def _socket_file(socket_dir: Path, port: int) -> Path:
+    return socket_dir / f".s.PGSQL.{port}"
+
+
+def _pg_url(user: str, password: str | None, host: str, port: int, dbname: str) -> str:
+    """A SQLAlchemy URL; a ``host`` that is a directory (unix socket) goes in the query."""
+    if host.startswith("/"):
+        url = URL.create(
+            "postgresql+psycopg",
+            username=user,
+            password=password,
+            database=dbname,
+            query={"host": host, "port": str(port)},
+        )
+    else:
+        url = URL.create(
+            "postgresql+psycopg",
+            username=user,
+            password=password,
+            host=host,
+            port=port,
+            database=dbname,
+        )
+    return url.render_as_string(hide_password=False)
+
+
 def embedded_url(
     state_dir: Path | str, port: int = DEFAULT_EMBEDDED_PORT, dbname: str = EMBEDDED_DATABASE
 ) -> str:
-    """The SQLAlchemy URL of the embedded server, password included (keep it out of logs;
-    mask with ``make_url(u).render_as_string(hide_password=True)``)."""
-    return URL.create(
-        "postgresql+psycopg",
-        username=DEFAULT_SUPERUSER,
-        password=read_password(state_dir),
-        host="127.0.0.1",
-        port=port,
-        database=dbname,
-    ).render_as_string(hide_password=False)
+    """The service's URL of the embedded server: role :data:`SERVICE_ROLE` over the unix
+    socket, password included (keep it out of logs; mask with
+    ``make_url(u).render_as_string(hide_password=True)``).
+
+    The socket directory is verified first (owner, mode, no symlink), so the service never
+    talks to a server it did not expect.  When the last ``serve`` refused to start (port
+    taken…) and no server runs, its reason is raised here, so the service says why.
+    """
+    state_dir = Path(state_dir).absolute()
+    socket_dir = embedded_socket_dir(state_dir, port)
+    verify_socket_dir(socket_dir, _embedded_run_as(state_dir))
+    refusal = _serve_error_path(state_dir)
+    if refusal.exists() and not _socket_file(socket_dir, port).exists():
+        reason = refusal.read_text(errors="replace").strip()
+        raise PgServerError(f"the embedded PostgreSQL is not running: {reason}")
+    return _pg_url(SERVICE_ROLE, read_service_password(state_dir), str(socket_dir), port, dbname)
 
 
 def _relocated_data_dir(state_dir: Path) -> Path:
@@ -1045,41 +1191,54 @@ def _prepare_embedded_data_dir(state_dir: Path, run_as: RunAs | None) -> Path:
     return real
 
 
-def _postmaster_port(data_dir: Path) -> int | None:
-    """The port of the server running on ``data_dir``, if one is (``postmaster.pid``)."""
+def _postmaster_info(data_dir: Path) -> tuple[int, str] | None:
+    """``(port, socket dir or "")`` of the server running on ``data_dir``, if one is."""
     try:
         lines = (data_dir / "postmaster.pid").read_text().splitlines()
         pid, port = int(lines[0]), int(lines[3])
+        socket_dir = lines[4].strip() if len(lines) > 4 else ""
     except (OSError, ValueError, IndexError):
         return None
-    return port if _pid_alive(pid) else None
+    return (port, socket_dir) if _pid_alive(pid) else None
+
+
+def _postmaster_port(data_dir: Path) -> int | None:
+    """The port of the server running on ``data_dir``, if one is (``postmaster.pid``)."""
+    info = _postmaster_info(data_dir)
+    return info[0] if info else None
+
+
+def _role_credentials(state_dir: Path, superuser: bool) -> tuple[str, str]:
+    if superuser:
+        return DEFAULT_SUPERUSER, read_password(state_dir)
+    return SERVICE_ROLE, read_service_password(state_dir)
 
 
 @contextlib.contextmanager
-def embedded_running(state_dir: Path | str, dbname: str = "postgres") -> Iterator[str]:
-    """Yield a URL of the embedded server: the running one (e.g. under circus) if any, else
-    a temporary one on a free port (never the configured port, which may belong to someone
-    else right now), stopped again on exit.  For setup-time work: database, schema."""
+def embedded_running(
+    state_dir: Path | str, dbname: str = "postgres", *, superuser: bool = False
+) -> Iterator[str]:
+    """Yield a URL of the embedded server (as :data:`SERVICE_ROLE`, or the superuser for
+    set-up work): the running one (e.g. under circus) through its socket if any, else a
+    temporary one listening on a private socket only (no TCP at all), stopped on exit."""
     state_dir = Path(state_dir).absolute()
     data_dir = Path(os.path.realpath(embedded_data_dir(state_dir)))
-    password = read_password(state_dir)
-    live_port = _postmaster_port(data_dir)
-    if live_port is not None:
-        yield URL.create(
-            "postgresql+psycopg",
-            username=DEFAULT_SUPERUSER,
-            password=password,
-            host="127.0.0.1",
-            port=live_port,
-            database=dbname,
-        ).render_as_string(hide_password=False)
+    user, password = _role_credentials(state_dir, superuser)
+    live = _postmaster_info(data_dir)
+    if live is not None:
+        port, socket_dir = live
+        host = "127.0.0.1"  # a server started by an older version: TCP only
+        if socket_dir:
+            verify_socket_dir(Path(socket_dir), resolve_run_as(None, data_dir))
+            host = socket_dir
+        yield _pg_url(user, password, host, port, dbname)
         return
     temp_base = Path(tempfile.mkdtemp(prefix="headspace-pg-"))
     os.chmod(temp_base, 0o755)
-    cluster = PgCluster(temp_base, password=password, data_dir=data_dir)
+    cluster = PgCluster(temp_base, password=read_password(state_dir), data_dir=data_dir, tcp=False)
     try:
         with cluster:
-            yield cluster.url(dbname)
+            yield _pg_url(user, password, str(cluster.socket_dir), cluster.port, dbname)
     finally:
         shutil.rmtree(temp_base, ignore_errors=True)
 
@@ -1090,11 +1249,58 @@ def _cluster_identity(data_dir: Path) -> str:
     return f"{st.st_ino}:{st.st_mtime_ns}"
 
 
+def _ensure_service_role(conn: psycopg.Connection[Any], password: str) -> None:
+    """The service's login role: no superuser, no role or database creation — what ingest
+    needs comes from owning the database and its tables, nothing more.  The password is
+    hashed (SCRAM) here, so the plaintext never reaches the server or its logs."""
+    verifier = conn.pgconn.encrypt_password(
+        password.encode(), SERVICE_ROLE.encode(), b"scram-sha-256"
+    ).decode()
+    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (SERVICE_ROLE,)).fetchone()
+    verb = "ALTER" if exists else "CREATE"
+    conn.execute(
+        sql.SQL(
+            "{} ROLE {} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS "
+            "PASSWORD {}"
+        ).format(sql.SQL(verb), sql.Identifier(SERVICE_ROLE), sql.Literal(verifier))
+    )
+    if not exists:
+        logger.info("created role %s (no superuser) for the service", SERVICE_ROLE)
+
+
+def _hand_over_schema(conn: psycopg.Connection[Any]) -> int:
+    """Make :data:`SERVICE_ROLE` own the connected database and every relation in ``public``
+    (a cluster made by an older version had them owned by the superuser); rows are kept.
+    Returns how many relations changed owner."""
+    role = sql.Identifier(SERVICE_ROLE)
+    conn.execute(
+        sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(EMBEDDED_DATABASE), role)
+    )
+    moved = 0
+    # Tables first: their identity sequences and indexes follow them.
+    for kinds, keyword in ((("r", "p"), "TABLE"), (("v", "m"), "TABLE"), (("S",), "SEQUENCE")):
+        names = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind = ANY(%s) "
+            "AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = %s)",
+            (list(kinds), SERVICE_ROLE),
+        ).fetchall()
+        for (name,) in names:
+            conn.execute(
+                sql.SQL("ALTER {} public.{} OWNER TO {}").format(
+                    sql.SQL(keyword), sql.Identifier(name), role
+                )
+            )
+            moved += 1
+    return moved
+
+
 def ensure_embedded(state_dir: Path | str, port: int = DEFAULT_EMBEDDED_PORT) -> str:
-    """Make the embedded server ready to serve: password file, cluster, database
-    ``headspace``.  Idempotent and cheap when everything exists (a marker bound to this
-    very cluster records that the database exists, so no server is started then).
-    Returns :func:`embedded_url`."""
+    """Make the embedded server ready to serve: password files, cluster, socket directory,
+    the service role and database ``headspace`` owned by it.  Idempotent and cheap when
+    everything exists (a marker bound to this very cluster records the set-up, so no server
+    is started then); a cluster set up by an older version (superuser-owned tables) is
+    upgraded in place.  Returns :func:`embedded_url`."""
     state_dir = Path(state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
     link = embedded_data_dir(state_dir)
@@ -1106,20 +1312,94 @@ def ensure_embedded(state_dir: Path | str, port: int = DEFAULT_EMBEDDED_PORT) ->
             f"{_password_path(state_dir)} is missing but the cluster in {existing} exists: its "
             f"password is lost. Remove {link} (and {existing}) to start afresh."
         )
+    service_password, service_created = _ensure_password(_service_password_path(state_dir))
     run_as = resolve_run_as(None, existing)
     data_dir = _prepare_embedded_data_dir(state_dir, run_as)
     init_cluster(data_dir, superuser=DEFAULT_SUPERUSER, password=password, run_as=run_as)
+    ensure_socket_dir(embedded_socket_dir(state_dir, port, run_as), run_as)
     marker = state_dir / "pg" / "database-created"
-    identity = _cluster_identity(data_dir)
-    if not marker.exists() or marker.read_text().strip() != identity:
-        with (
-            embedded_running(state_dir) as url,
-            psycopg.connect(_libpq_conninfo(url), autocommit=True, connect_timeout=10) as conn,
-        ):
+    expected = f"{_cluster_identity(data_dir)} {_SETUP_LEVEL}"
+    if service_created or not marker.exists() or marker.read_text().strip() != expected:
+        _set_up_database(state_dir, service_password)
+        marker.write_text(expected + "\n")
+    return embedded_url(state_dir, port)
+
+
+def _set_up_database(state_dir: Path, service_password: str) -> None:
+    """As the superuser (set-up only): the service role, the database, their ownership."""
+    with embedded_running(state_dir, superuser=True) as url:
+        with psycopg.connect(_libpq_conninfo(url), autocommit=True, connect_timeout=10) as conn:
+            _ensure_service_role(conn, service_password)
             if _create_database(conn, EMBEDDED_DATABASE, exist_ok=True):
                 logger.info("created database %s", EMBEDDED_DATABASE)
-        marker.write_text(identity + "\n")
-    return embedded_url(state_dir, port)
+        db_url = make_url(url).set(database=EMBEDDED_DATABASE)
+        with psycopg.connect(_libpq_conninfo(db_url), autocommit=True, connect_timeout=10) as conn:
+            moved = _hand_over_schema(conn)
+    if moved:
+        logger.info("moved %d relations to the service role %s", moved, SERVICE_ROLE)
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+
+def _tcp_port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as postgres binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+def _unix_socket_live(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False  # stale: postgres removes it itself (its lock file says whose it was)
+    return True
+
+
+def _serve_problem(state_dir: Path, port: int, tcp: bool) -> str | None:
+    """Why ``serve`` must not start, or None."""
+    data_dir = Path(os.path.realpath(embedded_data_dir(state_dir)))
+    if _postmaster_info(data_dir) is not None:
+        return f"a PostgreSQL already serves {data_dir} (stop it first)"
+    socket_dir = embedded_socket_dir(state_dir, port)
+    if _unix_socket_live(_socket_file(socket_dir, port)):
+        return (
+            f"unix socket {_socket_file(socket_dir, port)} is already in use by another process; "
+            "set database.embedded_port (config.yaml) to another port"
+        )
+    if tcp and _tcp_port_taken(port):
+        return (
+            f"port 127.0.0.1:{port} is already in use by another process; set "
+            "database.embedded_port (config.yaml) to a free port, or database.embedded_tcp: "
+            "false (the service itself only needs the unix socket)"
+        )
+    return None
+
+
+def check_can_serve(state_dir: Path | str, port: int, *, tcp: bool) -> None:
+    """Refuse (PgServerError naming the port or socket and the key to set) to start the
+    embedded server where it cannot bind, instead of a crash loop.  The reason is kept in
+    ``<state_dir>/pg/serve.error`` for the service to report; cleared when all is well."""
+    state_dir = Path(state_dir).absolute()
+    problem = _serve_problem(state_dir, port, tcp)
+    record = _serve_error_path(state_dir)
+    if problem is None:
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+        return
+    with contextlib.suppress(OSError):
+        record.write_text(problem + "\n")
+    raise PgServerError(f"embedded PostgreSQL not started: {problem}")
 
 
 def serve(
@@ -1127,6 +1407,7 @@ def serve(
     port: int = DEFAULT_EMBEDDED_PORT,
     socket_dir: Path | str | None = None,
     *,
+    tcp: bool = False,
     run_as: RunAs | None = None,
     binaries: PgBinaries | None = None,
     settings: Mapping[str, str] | None = None,
@@ -1135,24 +1416,25 @@ def serve(
 
     For circus: after ``execv`` the supervised pid *is* the postmaster, so circus's SIGINT is
     a fast shutdown and SIGQUIT an immediate one, with no wrapper in between.  Privileges are
-    dropped here first when we are root.  ``socket_dir`` defaults to the data directory
-    (owned by the server user); unix sockets are disabled if the path would be too long.
+    dropped here first when we are root.  The server listens on the unix socket in
+    ``socket_dir`` (private, see :func:`ensure_socket_dir`; default the data directory) and,
+    only with ``tcp``, on 127.0.0.1:``port`` too.
     """
     data_dir = Path(os.path.realpath(data_dir))
     if not is_initialised(data_dir):
         raise PgServerError(f"no cluster in {data_dir}: run `just setup` first")
     run_as = resolve_run_as(run_as, data_dir)
     binaries = resolve_binaries(run_as, binaries=binaries, major=_data_dir_major(data_dir))
-    sock = Path(socket_dir) if socket_dir is not None else data_dir
-    if socket_dir is not None:
-        _ensure_user_dir(sock, run_as, 0o755)
-    sock_arg = str(sock) if _socket_dir_usable(sock, port) else ""
+    sock = ensure_socket_dir(Path(socket_dir), run_as) if socket_dir is not None else data_dir
+    if not _socket_dir_usable(sock, port):
+        raise PgServerError(f"socket path {_socket_file(sock, port)} is too long for a unix socket")
     args = [
         binaries.postgres,
         "-D", str(data_dir),
         "-p", str(port),
-        "-k", sock_arg,
-        "-c", "listen_addresses=127.0.0.1",
+        "-k", str(sock),
+        "-c", "unix_socket_permissions=0700",
+        "-c", f"listen_addresses={'127.0.0.1' if tcp else ''}",
     ]  # fmt: skip
     for key, value in (settings or {}).items():
         args += ["-c", f"{key}={value}"]
@@ -1207,6 +1489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve", parents=[common], help="ensure, then exec postgres in the foreground"
     )
     serve_p.add_argument("--no-ensure", action="store_true")
+    serve_p.add_argument(
+        "--tcp",
+        action="store_true",
+        help="also listen on 127.0.0.1:PORT (database.embedded_tcp); default: unix socket only",
+    )
     url_p = sub.add_parser("url", parents=[common], help="print the database URL")
     url_p.add_argument("--show-password", action="store_true")
     args = parser.parse_args(argv)
@@ -1227,9 +1514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         engine.dispose()
             print(f"embedded PostgreSQL ready: {_masked(url)}")
         elif args.command == "serve":
+            check_can_serve(state_dir, args.port, tcp=args.tcp)
             if not args.no_ensure:
                 ensure_embedded(state_dir, args.port)
-            serve(embedded_data_dir(state_dir), args.port)
+            socket_dir = embedded_socket_dir(state_dir, args.port)
+            serve(embedded_data_dir(state_dir), args.port, socket_dir, tcp=args.tcp)
         elif args.command == "url":
             url = embedded_url(state_dir, args.port)
             print(url if args.show_password else _masked(url))
