@@ -239,9 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear one-line error, never a traceback with secrets
+        from headspace_watcher.config import redact_text
         from headspace_watcher.writer import _describe
 
-        print(f"headspace-watcher: {args.command} failed: {_describe(exc)}", file=sys.stderr)
+        # a driver's error text can quote the conninfo, password included
+        message = redact_text(_describe(exc))
+        print(f"headspace-watcher: {args.command} failed: {message}", file=sys.stderr)
         logging.getLogger(__name__).debug("details", exc_info=True)
         return 1
 

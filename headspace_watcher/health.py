@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from headspace_watcher.config import Config, mask_url
+from headspace_watcher.config import Config, mask_url, redact_text
 from headspace_watcher.db import heartbeats, make_engine
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ def exit_code(report: dict[str, Any]) -> int:
 
 
 def render(report: dict[str, Any]) -> str:
+    """The text ``status``; values are redacted, as they may quote a driver's error."""
     keys = [
         "state",
         "pid",
@@ -206,4 +207,4 @@ def render(report: dict[str, Any]) -> str:
         "last_error",
         "reason",
     ]
-    return "\n".join(f"{k:>18}: {report[k]}" for k in keys if k in report)
+    return "\n".join(f"{k:>18}: {redact_text(str(report[k]))}" for k in keys if k in report)
