@@ -372,7 +372,7 @@ def _merge(
             if isinstance(value, dict):
                 merged[key] = _merge(base[key], value, problems, f"{where}.")
             else:
-                problems.append(f"config key {where!r}: expected a mapping, got {_kind(value)}")
+                problems.append(f"config key {where!r}: expected a mapping, got {_shown(value)}")
         else:
             merged[key] = value
     return merged
