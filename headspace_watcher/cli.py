@@ -247,9 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear one-line error, never a traceback with secrets
+        from headspace_watcher.config import redact_text
         from headspace_watcher.store.rows import describe
 
-        print(f"headspace-watcher: {args.command} failed: {describe(exc)}", file=sys.stderr)
+        # a driver's error text can quote the conninfo, password included
+        message = redact_text(describe(exc))
+        print(f"headspace-watcher: {args.command} failed: {message}", file=sys.stderr)
         logging.getLogger(__name__).debug("details", exc_info=True)
         return 1
 

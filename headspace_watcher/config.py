@@ -1,21 +1,26 @@
 """Configuration: ``config.yaml`` plus environment overrides, validated up front.
 
 A service that starts with a bad value fails later in a confusing way, so every key is
-checked at load time and the error names the key, the value and what was expected.
+checked at load time and the error names the key and what was expected. Whatever the file
+holds (a password, another program's secrets, an alias bomb), no message repeats it raw:
+values are masked, redacted and capped before they are shown.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import re
+import reprlib
+import stat
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 import yaml
 from sqlalchemy.engine import make_url
-from voluptuous import All, In, Invalid, Length, MultipleInvalid, Range, Required, Schema
+from voluptuous import All, Invalid, Length, MultipleInvalid, Range, Required, Schema
 from voluptuous import Any as AnyOf
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -55,17 +60,37 @@ DEFAULTS: dict[str, Any] = {
 
 
 class ConfigError(Exception):
-    """A configuration value is wrong; the message names key, value and expectation.
+    """A configuration value is wrong; the message names the key and the expectation.
 
-    Any ``scheme://user:password@`` in the message is masked here, once for every raise
-    site: a misplaced URL can be echoed back as "the value got" or in a YAML error snippet.
+    Every message is redacted and capped here, once for every raise site: a misplaced URL
+    can be echoed back as "the value got", and a hostile file can make any message huge.
     """
 
     def __init__(self, message: str) -> None:
-        super().__init__(_URL_PASSWORD.sub(r"\1***@", message))
+        super().__init__(_cap(redact_text(message), MAX_MESSAGE_CHARS))
 
 
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
+MAX_MESSAGE_CHARS = 4000  # a whole ConfigError, however many problems it lists
+MAX_VALUE_CHARS = 120  # one echoed value inside a message
+MAX_PROBLEMS = 20  # problems listed one by one; the rest are counted
+MAX_CONFIG_BYTES = 1 << 20  # a config is ~1 KiB; anything bigger is not one
+MAX_YAML_NODES = 10_000  # after alias expansion; a config has about 50
+MASK = "***"
+UNPARSEABLE_URL = "<unparseable database URL>"
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+_SCHEME_CHARS = frozenset(string.ascii_letters + string.digits + "+.-")
+_MAX_SCHEME_CHARS = 32
+_KEY_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
+MAX_KEY_CHARS = 40
+_URL_LOOKAHEAD = 256  # how far past a space a password cut by it is still looked for
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_URL_ALIASES = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}… ({len(text) - limit + 40} more characters)"
 
 
 def _not_bool(value: Any) -> Any:
@@ -85,6 +110,7 @@ def _url(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise Invalid("expected a SQLAlchemy URL string such as postgresql+psycopg://user@host/db")
+    value = _normalise_url(value)
     try:
         url = make_url(value)
     except Exception as exc:
@@ -92,6 +118,33 @@ def _url(value: Any) -> str | None:
     if not url.drivername.startswith("postgresql"):
         raise Invalid("expected a postgresql URL (postgresql+psycopg://user:password@host:port/db)")
     return value
+
+
+def _normalise_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` (what psql and most hosts hand out) become the
+    psycopg driver's URL, and a raw ``@`` inside the password is percent-encoded.
+
+    Without the latter, ``user:pa@ss@host`` connects to host ``ss@host`` and the resolver's
+    error ("could not translate host name "ss@host"") prints half the password.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    scheme = _URL_ALIASES.get(scheme.lower(), scheme)
+    first_at = rest.find("@")
+    colon = rest.find(":", 0, first_at)
+    if first_at < 0 or colon < 0:
+        return f"{scheme}://{rest}"
+    query = rest.find("?", first_at)
+    last_at = rest.rfind("@", first_at, len(rest) if query < 0 else query)
+    password = rest[colon + 1 : last_at].replace("@", "%40")
+    return f"{scheme}://{rest[: colon + 1]}{password}{rest[last_at:]}"
+
+
+def _level(value: Any) -> str:
+    if isinstance(value, str) and value.upper() in LEVELS:
+        return value.upper()
+    raise Invalid(f"expected one of: {', '.join(LEVELS)} (any case)")
 
 
 _STR = All(str, Length(min=1), msg="expected a non-empty string")
@@ -123,7 +176,7 @@ SCHEMA = Schema(
             "heartbeat_interval_seconds": _int(1, 3600),
         },
         Required("logging"): {
-            "level": In(["DEBUG", "INFO", "WARNING", "ERROR"]),
+            "level": _level,
         },
     }
 )
@@ -178,61 +231,314 @@ class Config:
 
 
 def mask_url(url: str) -> str:
-    """Render a database URL with its password replaced by ``***``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable database URL>"
+    """Render a database URL with every password replaced by ``***``, in linear time.
+
+    The userinfo is everything up to the LAST ``@`` (a raw ``@`` in a password must not end
+    it early), and ``password=`` / ``sslpassword=`` query parameters (any case, encoded or
+    not) are masked wherever they are. Something that is not ``scheme://…`` is never shown.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _is_scheme(scheme) or not url.isprintable():
+        return UNPARSEABLE_URL
+    return f"{scheme}://{_mask_after_scheme(rest)}"
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
+def _is_scheme(text: str) -> bool:
+    return bool(text) and text[0].isascii() and text[0].isalpha() and set(text) <= _SCHEME_CHARS
+
+
+def _mask_after_scheme(rest: str) -> str:
+    at = rest.rfind("@")
+    colon = rest.find(":", 0, at) if at >= 0 else -1
+    if colon >= 0:
+        rest = f"{rest[: colon + 1]}{MASK}{rest[at:]}"
+    return _mask_query(rest)
+
+
+def _mask_query(text: str) -> str:
+    """Mask the values of secret parameters; a value runs to the next ``&`` (as parse_qsl
+    reads it), and a ``?`` inside one may start another parameter, so both are candidates."""
+    segments = text.split("&")
+    for n, segment in enumerate(segments):
+        parts = segment.split("?")
+        start = 0 if n else 1  # the first segment's head is the host and path, not a parameter
+        for i in range(start, len(parts)):
+            key, eq, _ = parts[i].partition("=")
+            if eq and unquote_plus(key).strip().lower() in _SECRET_PARAMS:
+                segments[n] = "?".join([*parts[:i], f"{key}={MASK}"])
+                break
+    return "&".join(segments)
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message, a log line) with every URL password and every
+    ``password=value`` masked; linear in the text's length, whatever it holds."""
+    out: list[str] = []
+    done = 0
+    while (sep := text.find("://", done)) >= 0:
+        start = sep
+        while start > max(done, sep - _MAX_SCHEME_CHARS) and text[start - 1] in _SCHEME_CHARS:
+            start -= 1
+        end = _url_end(text, sep + 3)
+        out.append(text[done:start])
+        out.append(f"{text[start:sep]}://{_mask_after_scheme(text[sep + 3 : end])}")
+        done = end
+    out.append(text[done:])
+    return _mask_conninfo("".join(out))
+
+
+def _url_end(text: str, begin: int) -> int:
+    """Where a URL that starts before ``begin`` ends: at whitespace — unless it has a
+    ``user:`` but no ``@`` yet (a password with a space), then at the end of the next
+    word holding an ``@`` on the same line, looked for within a bounded distance."""
+    end = begin
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    span = text[begin:end]
+    if "@" in span or ":" not in span:
+        return end
+    window_end = min(len(text), end + _URL_LOOKAHEAD)
+    newline = text.find("\n", end, window_end)
+    at = text.rfind("@", end, window_end if newline < 0 else newline)
+    if at < 0:
+        return end
+    while at < len(text) and not text[at].isspace():
+        at += 1
+    return at
+
+
+def _mask_conninfo(text: str) -> str:
+    """``password=…`` outside a URL (a libpq conninfo string, an environment dump)."""
+    lower = text.lower()
+    out: list[str] = []
+    done = 0
+    while (hit := lower.find("password", done)) >= 0:
+        value = hit + len("password")
+        while value < len(text) and text[value] in " \t":
+            value += 1
+        if value >= len(text) or text[value] != "=":
+            out.append(text[done:value])
+            done = value
+            continue
+        value += 1
+        end = _conninfo_value_end(text, value)
+        out.append(f"{text[done:value]}{MASK}")
+        done = end
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _conninfo_value_end(text: str, begin: int) -> int:
+    if begin < len(text) and text[begin] in "'\"":
+        close = text.find(text[begin], begin + 1)
+        return len(text) if close < 0 else close + 1
+    end = begin
+    while end < len(text) and not text[end].isspace() and text[end] not in "&,;)'\"":
+        end += 1
+    return end
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib with strings redacted before they are shortened (a cut must never leave half
+    a URL whose password the masking could no longer find)."""
+
+    def repr_str(self, x: str, level: int) -> str:
+        return super().repr_str(redact_text(x), level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxstring = _SHORT.maxother = MAX_VALUE_CHARS - 20
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+
+
+def _shown(value: Any) -> str:
+    """A value as it may appear in a message: redacted, bounded in depth, width and length."""
+    return _cap(_SHORT.repr(value), MAX_VALUE_CHARS)
+
+
+def _key_text(key: Any) -> str:
+    """A key as named in a message: a name is shown, anything else only described (keys of
+    a file that is not a config, ``root:$6$…:`` from a shadow file, are its content)."""
+    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_CHARS and set(key) <= _KEY_CHARS:
+        return key
+    size = f" of {len(key)} characters" if isinstance(key, str) else ""
+    return f"<{_kind(key)} key{size}>"
+
+
+def _kind(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", bytes: "binary data", type(None): "null"}  # fmt: skip
+    return kinds.get(type(value), f"a {type(value).__name__} value")
+
+
+def _merge(
+    base: dict[str, Any], override: dict[Any, Any], problems: list[str], path: str = ""
+) -> dict[str, Any]:
+    """Defaults overlaid with the file; every unknown key or misplaced value is noted in
+    ``problems`` (all reported at once), and the default stays in its place."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        where = f"{path}{key}"
+        where = f"{path}{_key_text(key)}"
         if key not in base:
-            raise ConfigError(f"config key {where!r} is unknown; expected one of: {sorted(base)}")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {where!r}: expected a mapping, got {value!r}")
-            merged[key] = _merge(base[key], value, f"{where}.")
+            problems.append(f"config key {where!r} is unknown; expected one of: {sorted(base)}")
+        elif isinstance(base[key], dict):
+            if isinstance(value, dict):
+                merged[key] = _merge(base[key], value, problems, f"{where}.")
+            else:
+                problems.append(f"config key {where!r}: expected a mapping, got {_shown(value)}")
         else:
             merged[key] = value
     return merged
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path) -> dict[Any, Any]:
+    """The file's top-level mapping; never its text in an error (it may be anything)."""
+    text = _read_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = _parse_yaml(text, path)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    except yaml.reader.ReaderError as exc:  # a control character
+        raise ConfigError(
+            f"config file {path} is not valid YAML: {exc.reason} (character {exc.position})"
+        ) from None
+    except yaml.YAMLError:
+        raise ConfigError(f"config file {path} is not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: YAML nested too deeply for a config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: expected a mapping at top level (key: value lines), "
+            f"found {_kind(data)}; is it a config file?"
+        )
+    return data
+
+
+def _read_text(path: Path) -> str:
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"config file {path} cannot be read: not a regular file")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist (set {ENV_CONFIG})") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at top level, got {data!r}")
-    return data
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte offset {exc.start}); is it a config file?"
+        ) from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` that refuses a document whose aliases expand beyond a bound
+    before anything is built from it (a "billion laughs" file is a few hundred bytes)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expands_beyond(node, MAX_YAML_NODES):
+            raise ConfigError(
+                f"config file {path}: its YAML expands to more than {MAX_YAML_NODES} values "
+                "(aliases or size); a config has about 50"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expands_beyond(root: yaml.Node, limit: int) -> bool:
+    """Count nodes as if every alias were copied out (a self-reference counts as
+    unbounded); iterative and memoised per node, so counting costs only the unexpanded
+    graph."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > limit:
+                return True
+        elif key not in sizes:
+            if key in open_nodes:
+                return True
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return False
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    """What PyYAML found and where — without its snippet of the offending line."""
+    parts = [_quoted_tokens_hidden(exc.problem or "syntax error")]
+    if exc.problem_mark is not None:
+        parts.append(f"at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}")
+    if exc.context:
+        where = exc.context_mark
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        parts.append(f"({_quoted_tokens_hidden(exc.context)}{line})")
+    return _cap(" ".join(parts), 300)
+
+
+def _quoted_tokens_hidden(text: str) -> str:
+    """PyYAML quotes tokens from the file ('!tag', 'alias'); keep its own token names
+    ('<block end>') and single characters, hide the rest."""
+    out: list[str] = []
+    done = 0
+    while (opening := text.find("'", done)) >= 0:
+        closing = text.find("'", opening + 1)
+        if closing < 0:
+            break
+        token = text[opening + 1 : closing]
+        keep = token.startswith("<") or len(token) <= 2
+        out.append(f"{text[done:opening]}'{token if keep else '…'}'")
+        done = closing + 1
+    out.append(text[done:])
+    return "".join(out)
 
 
 def _describe(error: Invalid, data: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error.path)
+    key = ".".join(_key_text(p) for p in error.path)
     value: Any = data
     for part in error.path:
         value = value.get(part) if isinstance(value, dict) else None
     if key.startswith("database.url") and isinstance(value, str):
         value = mask_url(value)
-    return f"config key {key!r}: {error.msg}, got {value!r}"
+    return f"config key {key!r}: {error.msg}, got {_shown(value)}"
+
+
+def _problems_text(problems: list[str]) -> str:
+    shown = problems[:MAX_PROBLEMS]
+    more = len(problems) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more problems" if more else "")
 
 
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
-    """Load, merge and validate; raise ConfigError naming the offending key."""
+    """Load, merge and validate; raise one ConfigError naming every offending key."""
     env = dict(os.environ) if env is None else env
     cfg_path = Path(path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH).expanduser()
-    data = _merge(DEFAULTS, _read_file(cfg_path))
+    problems: list[str] = []
+    data = _merge(DEFAULTS, _read_file(cfg_path), problems)
     if env.get(ENV_DATABASE_URL):
         data["database"]["url"] = env[ENV_DATABASE_URL]
     if env.get(ENV_PROJECTS_PATH):
@@ -242,7 +548,9 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     try:
         data = SCHEMA(data)
     except MultipleInvalid as exc:
-        raise ConfigError("; ".join(_describe(e, data) for e in exc.errors)) from None
+        problems.extend(_describe(e, data) for e in exc.errors)
+    if problems:
+        raise ConfigError(_problems_text(problems))
     state_dir = data["health"]["state_dir"] or str(PROJECT_ROOT / "var")
     return Config(
         raw=data,

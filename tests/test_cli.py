@@ -229,3 +229,51 @@ def test_register_never_prints_the_password(watcher, password_database_url) -> N
     assert done.returncode == 0, done.stderr
     assert S1 in done.stdout
     no_secret(done.stdout, done.stderr)
+
+
+# =========================================================================== secrets (issue 9 §4)
+
+
+def test_check_config_masks_query_and_raw_at_passwords_from_the_file(watcher) -> None:
+    for url in (
+        f"postgres://someone@db.example/x?sslmode=require&password={WATCHER_TEST_PASSWORD}",
+        f"postgres://someone:pa@{WATCHER_TEST_PASSWORD}@db.example/x",
+    ):
+        watcher.configure(database={"url": url})
+
+        done = watcher.cli("check-config", HEADSPACE_DATABASE_URL="")  # the file's URL
+
+        assert done.returncode == 0, done.stderr
+        shown = json.loads(done.stdout)["database"]["url"]
+        assert shown.startswith("postgresql+psycopg://someone")
+        assert "***" in shown
+        no_secret(done.stdout, done.stderr)
+
+
+def test_yaml_error_names_file_line_and_column_not_the_line(watcher) -> None:
+    watcher.config_path.write_text(
+        f'database:\n  url: "postgresql://u:{WATCHER_TEST_PASSWORD}@h/db\nlogging: [\n'
+    )
+
+    done = watcher.cli("check-config", HEADSPACE_DATABASE_URL="")
+
+    assert done.returncode == 2
+    assert f"config file {watcher.config_path} is not valid YAML" in done.stderr
+    assert "at line 4, column 1" in done.stderr
+    assert done.stderr.count("\n") == 1  # one line, no snippet
+    no_secret(done.stdout, done.stderr)
+
+
+def test_config_pointing_at_a_foreign_file_never_prints_it(watcher) -> None:
+    shadow = watcher.tmp / "shadow"
+    shadow.write_text(f"root:$6$salt${WATCHER_TEST_PASSWORD}:19000:0:99999:7:::\n")
+    binary = watcher.tmp / "binary"
+    binary.write_bytes(b"\x7fELF\x02\x01\xff" + WATCHER_TEST_PASSWORD.encode())
+
+    for path, said in ((shadow, "is unknown"), (binary, "not UTF-8 text")):
+        done = watcher.cli("check-config", HEADSPACE_CONFIG=str(path))
+
+        assert done.returncode == 2
+        assert said in done.stderr
+        assert "19000" not in done.stderr and "ELF" not in done.stderr
+        no_secret(done.stdout, done.stderr)

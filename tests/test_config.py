@@ -20,6 +20,7 @@ from headspace_watcher.config import (
     ConfigError,
     load_config,
     mask_url,
+    redact_text,
 )
 
 SECRET = "s3cr3t-Pa55word"
@@ -349,3 +350,197 @@ def test_password_from_env_never_in_error(tmp_path: Path) -> None:
         load_config(write(tmp_path, ""), env={ENV_DATABASE_URL: f"mysql://u:{SECRET}@h:5432/db"})
     assert "'database.url'" in str(info.value)
     assert SECRET not in str(info.value)
+
+
+# --------------------------------------------------------------------------- masking (issue 9 §4)
+
+MASKED_URLS = [
+    # (url, what must be shown, what must not)
+    ("postgresql+psycopg://user:pa@ss@host/db", "postgresql+psycopg://user:***@host/db", "ss"),
+    ("postgresql://u:a/b@c@h:5/db", "postgresql://u:***@h:5/db", "a/b"),
+    ("postgresql://u@h/db?password=pw1secret", "postgresql://u@h/db?password=***", "pw1secret"),
+    ("postgresql://u@h/db?sslmode=require&PASSWORD=pw1secret&x=1", "&PASSWORD=***&x=1",
+     "pw1secret"),
+    ("postgresql://u@h/db?p%61ssword=pw1secret", "?p%61ssword=***", "pw1secret"),
+    ("postgresql://u@h/db?SslPassword=pw1secret", "?SslPassword=***", "pw1secret"),
+    ("postgresql://u@h/db?password=pw1@secret", "?password=***", "secret"),
+    ("postgresql://u@h/db?x=1?password=pw1?secret&y=2", "password=***&y=2", "secret"),
+    ("postgresql://u@/db?host=/run/pg&password=pw1secret", "host=/run/pg&password=***",
+     "pw1secret"),
+    ("postgresql://u:pw1secret@h/db?password=pw2secret", "u:***@h/db?password=***", "secret"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("url", "shown", "hidden"), MASKED_URLS)
+def test_mask_url_hides_every_password(url: str, shown: str, hidden: str) -> None:
+    masked = mask_url(url)
+    assert shown in masked
+    assert hidden not in masked
+
+
+@pytest.mark.parametrize("url", ["not a url", f"u:{SECRET}@h/db", f"1x://u:{SECRET}@h", ""])
+def test_unparseable_url_is_never_echoed(url: str) -> None:
+    assert mask_url(url) == "<unparseable database URL>"
+
+
+def test_redact_text_masks_urls_and_conninfo_in_free_text() -> None:
+    text = (
+        f"failed: 'postgresql://u:{SECRET} x@h/db' then host=h password={SECRET} "
+        f"and PGPASSWORD='{SECRET} y' and sslmode: \"require password={SECRET}\""
+    )
+    redacted = redact_text(text)
+    assert SECRET not in redacted
+    assert "postgresql://u:***@h/db'" in redacted
+    assert 'password=***"' in redacted
+    assert "password authentication failed" in redact_text("password authentication failed")
+
+
+# --------------------------------------------------------------------------- issue 11 paper cuts
+
+
+@pytest.mark.parametrize("level", ["debug", "Warning", "error", "INFO"])
+def test_logging_level_any_case_is_normalised(tmp_path: Path, level: str) -> None:
+    cfg = load_config(write(tmp_path, f"logging:\n  level: {level}\n"), env={})
+    assert cfg.raw["logging"]["level"] == level.upper()
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "POSTGRES"])
+def test_postgres_urls_are_accepted_for_psycopg(tmp_path: Path, scheme: str) -> None:
+    cfg = load_config(write(tmp_path, f"database:\n  url: {scheme}://u@h:5/db\n"), env={})
+    assert cfg.database_url == "postgresql+psycopg://u@h:5/db"
+
+
+def test_raw_at_in_the_password_is_encoded_so_the_host_is_right(tmp_path: Path) -> None:
+    from sqlalchemy.engine import make_url
+
+    cfg = load_config(write(tmp_path, ""), env={ENV_DATABASE_URL: "postgres://u:pa@ss@h/db"})
+    url = make_url(cfg.database_url or "")
+    assert (url.password, url.host, url.database) == ("pa@ss", "h", "db")
+    assert "ss" not in cfg.masked()["database"]["url"]
+
+
+def test_all_errors_reported_at_once_unknown_keys_sections_and_values(tmp_path: Path) -> None:
+    text = (
+        "bogus: 1\nother: 2\nevent_system: 5\nlogging:\n  level: LOUD\n  extra: 1\n"
+        "database:\n  embedded_port: 1\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    message = str(info.value)
+    for key in ("'bogus'", "'other'", "'event_system'", "'logging.extra'", "'logging.level'",
+                "'database.embedded_port'"):  # fmt: skip
+        assert key in message, key
+
+
+def test_error_count_and_length_are_bounded(tmp_path: Path) -> None:
+    text = "".join(f"key{i}: {'x' * 500}\n" for i in range(2000))
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    message = str(info.value)
+    assert len(message) <= 4000
+    assert "'key0' is unknown" in message
+    assert "and 1980 more problems" in message or "more characters" in message
+
+
+def test_echoed_values_are_capped(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"file_watcher:\n  mode: {'y' * 5000}\n"), env={})
+    assert "'file_watcher.mode'" in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+# --------------------------------------------------------------------------- hostile files
+
+YAML_ERRORS_WITH_THE_PASSWORD = [
+    f'database:\n  url: "postgresql://u:{SECRET}@h/db\nlogging: [\n',  # unclosed quote
+    f"database:\n  url: postgresql://u:{SECRET}@h/db\n   bad: indent: {SECRET}\n",
+    f"database:\n  url: !{SECRET} postgresql://u@h/db\n",  # unknown tag
+    f"database:\n  url: *{SECRET}\n",  # undefined alias
+    f'database:\n  url: "\\q{SECRET}"\n',  # bad escape
+    f"database:\n\turl: {SECRET}\n",  # tab indentation
+]
+
+
+@pytest.mark.parametrize("text", YAML_ERRORS_WITH_THE_PASSWORD)
+def test_yaml_error_names_file_line_column_never_the_line(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    message = str(info.value)
+    assert f"config file {path} is not valid YAML: " in message
+    assert "at line " in message and ", column " in message
+    assert SECRET not in message
+    assert "postgresql://" not in message and "^" not in message  # no snippet of the line
+
+
+def secret_file(tmp_path: Path, name: str, content: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+FOREIGN_FILES = [
+    ("shadow", f"root:$6$salt${SECRET}:19000:0:99999:7:::\ndaemon:*:19000::::::\n".encode(),
+     "is unknown"),
+    ("id_rsa", f"-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET}\n-----END-----\n".encode(),
+     "found a string"),
+    ("binary", b"\x7fELF\x02\x01\x01\x00\xff\xfe" + SECRET.encode(), "not UTF-8 text"),
+    ("nul", b"a: " + SECRET.encode() + b"\x00\n", "not valid YAML"),
+    ("list.json", f'["postgresql://u:{SECRET}@h/db", "{SECRET}"]'.encode(), "found a list"),
+    ("number", b"12345\n", "found a number"),
+    ("keys.yaml", f"{SECRET}{SECRET}{SECRET}: 1\n".encode(), "is unknown"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "content", "said"), FOREIGN_FILES)
+def test_non_config_file_content_never_echoed(
+    tmp_path: Path, name: str, content: bytes, said: str
+) -> None:
+    path = secret_file(tmp_path, name, content)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={ENV_CONFIG: str(path)})
+    message = str(info.value)
+    assert said in message
+    assert SECRET not in message
+    assert "19000" not in message and "ELF" not in message and "BEGIN" not in message
+
+
+def test_non_regular_and_oversized_files_are_refused_unread(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config("/dev/zero", env={})
+    big = write(tmp_path, "logging:\n  level: INFO\n" + "#" * (2 << 20), name="big.yaml")
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big, env={})
+
+
+def anchor_bomb(depth: int) -> str:
+    """A "billion laughs" as one flow list: ``depth`` levels of nine aliases each, the last
+    level expanded 9**depth times; a few hundred bytes of YAML."""
+    levels = ['&l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    levels += [f"&l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return f"[{', '.join(levels)}]"
+
+
+@pytest.mark.parametrize(
+    "where", ["database: {}", "logging:\n  level: {}", "file_watcher:\n  projects_path: {}"]
+)
+def test_anchor_bomb_is_refused_with_bounded_message_and_memory(tmp_path: Path, where: str) -> None:
+    import tracemalloc
+
+    # 9**7 = 4.8 million "lol"s once expanded (the old message: ~40 MB; at depth 9, 282 MB)
+    path = write(tmp_path, where.format(anchor_bomb(7)) + "\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "expands to more than" in str(info.value)
+    assert len(str(info.value)) < 500
+    assert peak < 5 * 1024 * 1024, peak
+
+
+def test_self_referencing_alias_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(write(tmp_path, "database: &a {url: [*a]}\n"), env={})

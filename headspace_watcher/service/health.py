@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from headspace_watcher.config import Config, mask_url
+from headspace_watcher.config import Config, mask_url, redact_text
 from headspace_watcher.store import Store
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def exit_code(report: dict[str, Any]) -> int:
 
 
 def render(report: dict[str, Any]) -> str:
+    """The text ``status``; values are redacted, as they may quote a driver's error."""
     keys = [
         "state",
         "pid",
@@ -177,4 +178,4 @@ def render(report: dict[str, Any]) -> str:
         "last_error",
         "reason",
     ]
-    return "\n".join(f"{k:>18}: {report[k]}" for k in keys if k in report)
+    return "\n".join(f"{k:>18}: {redact_text(str(report[k]))}" for k in keys if k in report)

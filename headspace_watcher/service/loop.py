@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from headspace_watcher import __version__
-from headspace_watcher.config import Config, mask_url
+from headspace_watcher.config import Config, mask_url, redact_text
 from headspace_watcher.errors import AnotherInstance, CheckpointConflict, WriteAborted, WriteFailed
 from headspace_watcher.ingest.derive import Deriving
 from headspace_watcher.ingest.sessions import SessionTracker
@@ -194,7 +194,9 @@ class Service:
     def _db_failed(self, exc: BaseException) -> None:
         self.db_ready = False
         self.db_failures += 1
-        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        # a driver's message can quote the conninfo, password included
+        self.last_error = redact_text(f"{type(exc).__name__}: {first}")
         delay = self.retry.capped(self.db_failures)
         self.db_retry_at = self.monotonic() + delay
         if self.state != "degraded":
