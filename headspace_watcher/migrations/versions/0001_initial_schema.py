@@ -177,9 +177,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("session_uuid", name="sessions_pkey"),
     )
     op.create_index("ix_sessions_state", "sessions", ["state"], unique=False)
-    # What the pre-migration init_db wrote next to the tables: keeps `headspace_schema`
-    # identical in databases created here and databases stamped at this revision.
-    op.execute("INSERT INTO headspace_schema (id, version) VALUES (1, 1)")
 
 
 def downgrade() -> None:
