@@ -45,5 +45,9 @@ class CheckpointConflict(StoreError):
     """A source's stored position is not where the batch starts: someone else wrote it."""
 
 
+class SchemaError(StoreError):
+    """The database holds a schema ``init_db`` cannot account for; it changes nothing."""
+
+
 class ServerError(StoreError):
     """The embedded PostgreSQL could not be located, initialised, started or stopped."""

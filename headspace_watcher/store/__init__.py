@@ -18,11 +18,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from headspace_watcher.records import Batch, Event, SessionInfo, WriteResult
-from headspace_watcher.store import heartbeats, producer, sessions
+from headspace_watcher.store import heartbeats, migrate, producer, sessions
 from headspace_watcher.store.checkpoints import CheckpointStore
 from headspace_watcher.store.engine import make_engine
 from headspace_watcher.store.locks import InstanceLock
-from headspace_watcher.store.migrate import init_db
 from headspace_watcher.store.producer import WriteOutcome
 from headspace_watcher.store.references import References
 from headspace_watcher.store.retry import RetryPolicy
@@ -67,7 +66,7 @@ class Store:
 
     def init(self) -> int:
         """Create or upgrade the schema (idempotent); the schema version."""
-        return init_db(self.engine)
+        return migrate.init_db(self.engine)
 
     def ping(self) -> bool:
         """Whether the database answers a trivial query now."""

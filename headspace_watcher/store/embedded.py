@@ -1477,13 +1477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="state directory (default: $HEADSPACE_STATE_DIR or var/)",
     )
     common.add_argument("--port", type=int, default=DEFAULT_EMBEDDED_PORT)
-    ensure_p = sub.add_parser(
+    sub.add_parser(
         "ensure", parents=[common], help="create password, cluster and database if missing"
-    )
-    ensure_p.add_argument(
-        "--init-schema",
-        action="store_true",
-        help="also create/upgrade the schema (headspace_watcher.store.schema.init_db)",
     )
     serve_p = sub.add_parser(
         "serve", parents=[common], help="ensure, then exec postgres in the foreground"
@@ -1503,15 +1498,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ensure":
             url = ensure_embedded(state_dir, args.port)
-            if args.init_schema:
-                from headspace_watcher.store.schema import init_db, make_engine
-
-                with embedded_running(state_dir, EMBEDDED_DATABASE) as live_url:
-                    engine = make_engine(live_url)
-                    try:
-                        init_db(engine)
-                    finally:
-                        engine.dispose()
             print(f"embedded PostgreSQL ready: {_masked(url)}")
         elif args.command == "serve":
             check_can_serve(state_dir, args.port, tcp=args.tcp)
