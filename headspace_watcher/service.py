@@ -36,10 +36,13 @@ from headspace_watcher.retry import RetryPolicy
 from headspace_watcher.sessions import SessionTracker
 from headspace_watcher.tailer import (
     FileReplaced,
+    OutsideTree,
+    PartialScan,
     ReadResult,
     TreeWatcher,
     content_matches,
     identity,
+    open_in_tree,
     read_lines,
 )
 from headspace_watcher.transcript import FileContext, file_context, parse_line
@@ -59,6 +62,7 @@ RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 # source_seq of an unreadable-file record: its position is the checkpoint the read failed at,
 # set apart from the lines' own sequence numbers (0 and 1) at that offset.
 UNREADABLE_SEQ = -1
+OUTSIDE_TREE_REASON = "outside_tree: symlink or path outside the projects root; not read"
 TRIM_AFTER_BYTES = 1 << 20  # ingested since the last malloc_trim (see _release_free_memory)
 _LOCK_NAMESPACE = 0x4853  # "HS"
 
@@ -74,6 +78,7 @@ class TrackedFile:
     source: SourceState
     size: int = 0
     partial: int = 0  # bytes after the last complete line at the last read
+    scan: PartialScan | None = None  # how far that trailing line was scanned (never re-read)
     error: str | None = None
 
 
@@ -472,7 +477,7 @@ class Service:
     def _wanted(self, path: str, ctx: FileContext) -> bool:
         if self.config.file_watcher["mode"] != "registered":
             return True
-        session = ctx.session_hint or _first_session_id(path)
+        session = ctx.session_hint or _first_session_id(path, str(self.config.projects_path))
         return session is not None and session in self.tracker.monitored()
 
     def _reconcile(
@@ -483,7 +488,8 @@ class Service:
         grown = size >= state.committed_offset
         if same_inode and grown and state.fingerprint is None:
             return state  # nothing to compare the bytes with: trust the inode
-        if grown and content_matches(path, state.committed_offset, state.fingerprint):
+        root = str(self.config.projects_path)
+        if grown and content_matches(path, state.committed_offset, state.fingerprint, root=root):
             if same_inode:
                 return state
             log.info("file replaced by a copy; continuing at checkpoint", extra={"path": path})
@@ -554,6 +560,9 @@ class Service:
                 self.dirty.pop(path, None)
                 self._deleted.append(path)
                 continue
+            except OutsideTree:
+                self._outside_tree(path, batch)
+                continue
             except OSError as exc:
                 self._unreadable(path, exc, batch)
                 continue
@@ -575,6 +584,8 @@ class Service:
                 tf.path,
                 tf.source.committed_offset,
                 tf.source.inode,
+                root=str(self.config.projects_path),
+                resume=tf.scan,
                 max_lines=self.limits["max_lines"] - pending.lines,
                 max_bytes=self.limits["max_bytes"] - pending.bytes,
                 max_line=self.limits["max_line"],
@@ -582,18 +593,20 @@ class Service:
                 fingerprint=tf.source.fingerprint,
             )
         except FileReplaced as exc:
+            tf.scan = None
             ident = exc.identity
             tf.source = self._reconcile(tf.source, tf.path, ident.inode, ident.device, ident.size)
             return None  # still dirty: read again on the next step with the new state
         tf.error = None
         tf.size = res.size
         tf.partial = 0 if res.more else res.size - res.end_offset
+        tf.scan = res.partial
         return res
 
     def _to_events(self, tf: TrackedFile, res: ReadResult, batch: Batch) -> None:
         src = tf.source
         now = self.clock()
-        for offset, raw in res.lines:
+        for offset, raw in res.take_lines():
             out = parse_line(raw, tf.ctx)
             self.counters.lines += 1
             pos = SourcePosition(src.source_id, src.generation, offset, 0)
@@ -679,14 +692,25 @@ class Service:
 
     def _unreadable(self, path: str, exc: OSError, batch: Batch) -> None:
         """Log once and leave a durable record; retried when the file changes again."""
-        self.dirty.pop(path, None)
         reason = f"unreadable_file: {exc.strerror or exc}"
+        self._record_unread(path, reason, batch, "cannot read transcript")
+
+    def _outside_tree(self, path: str, batch: Batch) -> None:
+        """A symlink, or a path through one out of the tree: never opened for reading, so no
+        byte of a foreign file (``~/.ssh/id_rsa``) can reach a row or a log line."""
+        self._record_unread(
+            path, OUTSIDE_TREE_REASON, batch, "transcript outside the projects root; not read"
+        )
+
+    def _record_unread(self, path: str, reason: str, batch: Batch, message: str) -> None:
+        """Log once and leave one content-free record per file and checkpoint."""
+        self.dirty.pop(path, None)
         tf = self.files.get(path)
         if tf is not None and tf.error == reason:
             return
         if tf is not None:
             tf.error = reason
-        log.error("cannot read transcript", extra={"path": path, "error": reason})
+        log.error(message, extra={"path": path, "error": reason})
         position = None
         if tf is not None:  # one record per file and checkpoint, across restarts too
             src = tf.source
@@ -792,12 +816,12 @@ def _release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _first_session_id(path: str) -> str | None:
+def _first_session_id(path: str, root: str) -> str | None:
     """Peek at a hint-less file's first lines for its sessionId (registered mode only)."""
     import json
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+        fd = open_in_tree(path, root)  # never a file outside the tree; a FIFO must not block
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             return None

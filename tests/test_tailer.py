@@ -80,6 +80,7 @@ def read_all(path: Path, start: int = 0, *, max_line: int = 1 << 20, chunk: int 
         str(path),
         start,
         os.stat(path).st_ino,
+        root=kw.get("root", str(path.parent)),
         max_lines=kw.get("max_lines", 10_000),
         max_bytes=kw.get("max_bytes", 1 << 30),
         max_line=max_line,
@@ -345,7 +346,7 @@ def test_truncation_below_checkpoint_raises_file_replaced(tmp_path: Path) -> Non
 
     with pytest.raises(FileReplaced) as info:
         read_lines(
-            str(path), done.end_offset, inode, max_lines=10, max_bytes=1 << 20,
+            str(path), done.end_offset, inode, root=str(tmp_path), max_lines=10, max_bytes=1 << 20,
             max_line=1 << 20, chunk=4096,
         )  # fmt: skip
     assert info.value.identity.size == 8
@@ -365,8 +366,8 @@ def test_new_inode_at_the_same_path_raises_file_replaced(tmp_path: Path) -> None
     assert new_inode != old_inode
     with pytest.raises(FileReplaced) as info:
         read_lines(
-            str(path), 0, old_inode, max_lines=10, max_bytes=1 << 20, max_line=1 << 20,
-            chunk=4096,
+            str(path), 0, old_inode, root=str(tmp_path), max_lines=10, max_bytes=1 << 20,
+            max_line=1 << 20, chunk=4096,
         )  # fmt: skip
     assert info.value.identity.inode == new_inode
     assert info.value.identity.size == 16
