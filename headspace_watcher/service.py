@@ -78,7 +78,7 @@ class TrackedFile:
     source: SourceState
     size: int = 0
     partial: int = 0  # bytes after the last complete line at the last read
-    scan: PartialScan | None = None  # how far that trailing line was scanned (never re-read)
+    scan: PartialScan | None = None  # how far that trailing line was scanned (go on from there)
     error: str | None = None
 
 

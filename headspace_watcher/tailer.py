@@ -6,6 +6,11 @@ writes are reported on their folder's watch, so there is no watch per file. The 
 only says *which* files may have changed; what to read is decided by comparing the file
 with its committed checkpoint, so a lost or coalesced event can never lose a line — at
 worst a rescan reads nothing new.
+
+Nothing outside the projects root is ever read: symlinked folders are neither listed nor
+watched, and every transcript is opened through ``open_in_tree`` (``O_NOFOLLOW`` plus a check
+of the open descriptor's real path), so a symlink planted in the tree, or swapped in for a
+folder after discovery, leads to a refusal before a byte is read.
 """
 
 from __future__ import annotations
