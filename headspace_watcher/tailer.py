@@ -458,11 +458,6 @@ class _LineScan:
     def resume(self, partial: PartialScan) -> None:
         self.offset, self.total, self.head = partial.offset, partial.scanned, partial.head
 
-    def next_line(self, total: int) -> None:
-        self.offset += total
-        self.total = 0
-        self.head = b""
-
     def partial(self, fd: int, inode: int) -> PartialScan | None:
         if not self.total:
             return None
@@ -481,28 +476,30 @@ def _complete_lines(
     otherwise it is read back whole at once. A partial line at EOF is left in ``scan``.
     """
     readline = f.readline
+    offset, total, head = scan.offset, scan.total, scan.head  # locals: the per-line hot path
     while True:
         piece = readline(chunk)
-        if not scan.total and piece.endswith(b"\n"):
-            yield scan.offset, piece[:-1], len(piece) - 1
-            scan.next_line(len(piece))
+        if not total and piece.endswith(b"\n"):
+            yield offset, piece[:-1], len(piece) - 1
+            offset += len(piece)
             continue
-        scan.total += len(piece)
-        if len(scan.head) < REJECT_HEAD_BYTES:
-            scan.head += piece[: REJECT_HEAD_BYTES - len(scan.head)]
+        total += len(piece)
+        if len(head) < REJECT_HEAD_BYTES:
+            head += piece[: REJECT_HEAD_BYTES - len(head)]
         if not piece.endswith(b"\n"):
             if len(piece) < chunk:
+                scan.offset, scan.total, scan.head = offset, total, head
                 return  # EOF: nothing, or a partial line still being written
             continue
-        offset, total = scan.offset, scan.total
         length = total - 1
         if length > max_line:
-            yield offset, scan.head[:length], length
+            yield offset, head[:length], length
         else:
             f.seek(offset)
             data = f.read(length)
             if len(data) != length or f.read(1) != b"\n":
-                scan.total = 0
+                scan.offset, scan.total = offset, 0
                 return  # changed under us (truncated/rewritten): the next read decides
             yield offset, data, length
-        scan.next_line(total)
+        offset += total
+        total, head = 0, b""
