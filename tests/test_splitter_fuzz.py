@@ -27,11 +27,12 @@ from hypothesis import strategies as st
 
 from headspace_watcher.ingest.transcript import parse_line
 from headspace_watcher.sources.layout import file_context
-from headspace_watcher.sources.reader import REJECT_HEAD_BYTES, ReadResult, read_lines
+from headspace_watcher.sources.reader import REJECT_HEAD_BYTES, PartialScan, ReadResult, read_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore:line buffering:RuntimeWarning")
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROOT = "/home/u/.claude/projects"
+TMP = tempfile.gettempdir()  # the temp files' "projects root"
 CTX = file_context(f"{ROOT}/-home-u-p/0b7a6d3e-1c2f-4a5b-9c8d-7e6f5a4b3c2d.jsonl", ROOT)
 
 # Bytes with plenty of newlines (and the characters that matter to the parser) so lines of
@@ -86,14 +87,23 @@ def check_result(res: ReadResult, start: int, content: bytes, max_line: int) -> 
 
 
 def drain(
-    path: str, start: int, inode: int, max_line: int, chunk: int, lim: dict[str, int]
-) -> tuple[int, list[bytes]]:
-    """Read from ``start`` until a read consumes nothing; return (offset, lines)."""
+    path: str,
+    start: int,
+    inode: int,
+    max_line: int,
+    chunk: int,
+    lim: dict[str, int],
+    resume: PartialScan | None = None,
+) -> tuple[int, list[bytes], PartialScan | None]:
+    """Read from ``start`` until a read consumes nothing; (offset, lines, partial scan)."""
     content = open(path, "rb").read()  # noqa: SIM115 - one-shot read of a small file
     offset = start
     lines: list[bytes] = []
     for _ in range(len(content) + 2):  # each productive read consumes >= 1 byte
-        res = read_lines(path, offset, inode, max_line=max_line, chunk=chunk, **lim)
+        res = read_lines(
+            path, offset, inode, root=TMP, max_line=max_line, chunk=chunk, resume=resume, **lim
+        )
+        resume = res.partial
         got = check_result(res, offset, content, max_line)
         assert res.count <= lim["max_lines"]
         if res.count > 1:
@@ -104,7 +114,7 @@ def drain(
         offset = res.end_offset
         if res.count == 0:
             assert not res.more
-            return offset, lines
+            return offset, lines, resume
     raise AssertionError("read_lines never stopped")
 
 
@@ -126,7 +136,7 @@ def test_reading_a_file_consumes_exactly_its_complete_lines(
         append(path, content)
         inode = os.stat(path).st_ino
 
-        end, lines = drain(path, 0, inode, max_line, chunk, lim)
+        end, lines, _ = drain(path, 0, inode, max_line, chunk, lim)
 
         complete = content.rfind(b"\n") + 1
         assert end == complete, "stops right after the last newline: partial line left"
@@ -149,6 +159,7 @@ def test_reading_a_growing_file_never_loses_or_repeats_a_byte(
     with temp_file() as path:
         inode = os.stat(path).st_ino
         offset = 0
+        resume: PartialScan | None = None  # carried from read to read, as the service does
         lines: list[bytes] = []
         written = b""
         for piece in pieces:
@@ -157,14 +168,17 @@ def test_reading_a_growing_file_never_loses_or_repeats_a_byte(
             lim = data.draw(limits)
             # sometimes only one bounded read before the next append, sometimes a full drain
             if data.draw(st.booleans()):
-                res = read_lines(path, offset, inode, max_line=max_line, chunk=chunk, **lim)
+                res = read_lines(
+                    path, offset, inode, root=TMP, max_line=max_line, chunk=chunk,
+                    resume=resume, **lim,
+                )  # fmt: skip
                 lines.extend(check_result(res, offset, written, max_line))
-                offset = res.end_offset
+                offset, resume = res.end_offset, res.partial
             else:
-                offset, got = drain(path, offset, inode, max_line, chunk, lim)
+                offset, got, resume = drain(path, offset, inode, max_line, chunk, lim, resume)
                 lines.extend(got)
             assert offset <= written.rfind(b"\n") + 1, "never past the last complete line"
-        offset, got = drain(path, offset, inode, max_line, chunk, data.draw(limits))
+        offset, got, _ = drain(path, offset, inode, max_line, chunk, data.draw(limits), resume)
         lines.extend(got)
 
         complete = content.rfind(b"\n") + 1
@@ -199,6 +213,7 @@ def test_oversized_lines_are_reported_once_with_their_exact_length(
             os.stat(path).st_ino,
             max_lines=100,
             max_bytes=1 << 30,
+            root=TMP,
             max_line=max_line,
             chunk=chunk,
         )
@@ -214,11 +229,13 @@ def test_a_trailing_partial_line_is_never_consumed(content: bytes, tail: bytes) 
     body = content if content.endswith(b"\n") or not content else content + b"\n"
     with temp_file() as path:
         append(path, body + tail)
-        end, lines = drain(path, 0, os.stat(path).st_ino, 16, 5, {"max_lines": 3, "max_bytes": 20})
+        end, lines, _ = drain(
+            path, 0, os.stat(path).st_ino, 16, 5, {"max_lines": 3, "max_bytes": 20}
+        )
         assert end == len(body)
         assert b"".join(line + b"\n" for line in lines) == body
         append(path, b"\n")  # the line completes: now it is read, once, whole
-        end2, more = drain(
+        end2, more, _ = drain(
             path, end, os.stat(path).st_ino, 1 << 20, 5, {"max_lines": 3, "max_bytes": 20}
         )
         assert more == [tail]
@@ -233,5 +250,5 @@ def test_non_regular_files_raise_without_blocking_or_leaking_a_descriptor(tmp_pa
     for path in (fifo, tmp_path, "/dev/zero"):
         for _ in range(20):
             with pytest.raises(OSError, match="not a regular file"):
-                read_lines(str(path), 0, 0, max_lines=1, max_bytes=1, max_line=8, chunk=4)
+                read_lines(str(path), 0, 0, root="/", max_lines=1, max_bytes=1, max_line=8, chunk=4)
     assert len(os.listdir("/proc/self/fd")) == before

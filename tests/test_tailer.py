@@ -7,13 +7,19 @@ import os
 import shutil
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from watcher_helpers import wait_for
 
 from headspace_watcher.ingest.transcript import parse_line
 from headspace_watcher.sources.layout import file_context
-from headspace_watcher.sources.reader import REJECT_HEAD_BYTES, FileReplaced, read_lines
+from headspace_watcher.sources.reader import (
+    REJECT_HEAD_BYTES,
+    FileReplaced,
+    OutsideTree,
+    read_lines,
+)
 from headspace_watcher.sources.tree import TreeWatcher, WatchChanges
 
 SESSION = "3f2b9c1e-7a4d-4e8b-9c1a-2b3c4d5e6f70"
@@ -76,6 +82,7 @@ def read_all(path: Path, start: int = 0, *, max_line: int = 1 << 20, chunk: int 
         str(path),
         start,
         os.stat(path).st_ino,
+        root=kw.get("root", str(path.parent)),
         max_lines=kw.get("max_lines", 10_000),
         max_bytes=kw.get("max_bytes", 1 << 30),
         max_line=max_line,
@@ -341,7 +348,7 @@ def test_truncation_below_checkpoint_raises_file_replaced(tmp_path: Path) -> Non
 
     with pytest.raises(FileReplaced) as info:
         read_lines(
-            str(path), done.end_offset, inode, max_lines=10, max_bytes=1 << 20,
+            str(path), done.end_offset, inode, root=str(tmp_path), max_lines=10, max_bytes=1 << 20,
             max_line=1 << 20, chunk=4096,
         )  # fmt: skip
     assert info.value.identity.size == 8
@@ -361,8 +368,8 @@ def test_new_inode_at_the_same_path_raises_file_replaced(tmp_path: Path) -> None
     assert new_inode != old_inode
     with pytest.raises(FileReplaced) as info:
         read_lines(
-            str(path), 0, old_inode, max_lines=10, max_bytes=1 << 20, max_line=1 << 20,
-            chunk=4096,
+            str(path), 0, old_inode, root=str(tmp_path), max_lines=10, max_bytes=1 << 20,
+            max_line=1 << 20, chunk=4096,
         )  # fmt: skip
     assert info.value.identity.inode == new_inode
     assert info.value.identity.size == 16
@@ -408,3 +415,147 @@ def test_line_of_exactly_max_line_is_kept_and_one_more_byte_is_oversized(
     assert [(o.offset, o.length) for o in res.oversized] == [(max_line + 1, max_line + 1)]
     assert over.startswith(res.oversized[0].head)
     assert res.end_offset == path.stat().st_size
+
+
+def _rchar() -> int:
+    """Bytes this thread has read through read(2)/pread(2) so far (the kernel's count)."""
+    with open("/proc/thread-self/io") as f:
+        return int(next(x for x in f if x.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])  # the line grows past a chunk / stays in one
+def test_a_never_ending_line_costs_reads_proportional_to_its_appends(
+    tmp_path: Path, chunk: int
+) -> None:
+    """200 appends to a line without its newline: each read scans on from where the last one
+    stopped (issue 9: it rescanned the whole line, O(n²) bytes; here O(n))."""
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"{}\n" + b'{"t":"')
+    inode = path.stat().st_ino
+    append_size, appends = 4096, 200
+    resume = None
+    read = 0
+    for i in range(appends):
+        with open(path, "ab") as f:
+            f.write(bytes([97 + i % 26]) * append_size)
+        before = _rchar()
+        res = read_lines(
+            str(path), 3, inode, root=str(tmp_path), max_lines=100, max_bytes=1 << 30,
+            max_line=1 << 30, chunk=chunk, resume=resume,
+        )  # fmt: skip
+        read += _rchar() - before
+        assert (res.lines, res.end_offset) == ([], 3)
+        resume = res.partial
+    size = path.stat().st_size
+    # O(n): each read scans its append plus fingerprints; a rescan would read ~100x the line
+    assert read < 2 * size, f"{read} bytes read for a {size}-byte file over {appends} appends"
+
+    with open(path, "ab") as f:
+        f.write(b'"}\n{}\n')
+    res = read_lines(
+        str(path), 3, inode, root=str(tmp_path), max_lines=100, max_bytes=1 << 30,
+        max_line=1 << 30, chunk=chunk, resume=resume,
+    )  # fmt: skip
+    assert res.lines == [(3, path.read_bytes()[3:-4]), (size + 3, b"{}")]
+    assert res.partial is None
+
+
+def test_a_resumed_over_long_line_is_rejected_with_its_head_and_full_length(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.jsonl"
+    body = bytes(range(32, 127)) * 2000  # 190,000 bytes, no newline
+    path.write_bytes(body[:70_000])
+    inode = path.stat().st_ino
+    first = read_all(path, max_line=100_000)
+    assert first.partial is not None and first.partial.scanned == 70_000
+    with open(path, "ab") as f:
+        f.write(body[70_000:] + b"\n")
+    res = read_lines(
+        str(path), 0, inode, root=str(tmp_path), max_lines=10, max_bytes=1 << 30,
+        max_line=100_000, chunk=4096, resume=first.partial,
+    )  # fmt: skip
+    [over] = res.oversized
+    assert (over.offset, over.length, over.head) == (0, len(body), body[:REJECT_HEAD_BYTES])
+    assert res.end_offset == len(body) + 1
+
+
+def test_a_partial_line_rewritten_in_place_is_scanned_again_from_its_start(
+    tmp_path: Path,
+) -> None:
+    """The remembered scan is only trusted while the bytes before its end are unchanged: a
+    rewrite (same inode, not shorter) that puts a newline inside the scanned part is found."""
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"{}\n" + b"a" * 10_000)
+    inode = path.stat().st_ino
+    first = read_all(path, 3)
+    assert first.partial is not None
+    with open(path, "r+b") as f:
+        f.write(b"{}\n" + b"b" * 5_000 + b"\n" + b"c" * 6_000)
+    res = read_lines(
+        str(path), 3, inode, root=str(tmp_path), max_lines=10, max_bytes=1 << 30,
+        max_line=1 << 20, chunk=4096, resume=first.partial,
+    )  # fmt: skip
+    assert res.lines == [(3, b"b" * 5_000)]
+    assert res.partial is not None and res.partial.offset == 5_004
+
+
+def test_a_symlinked_transcript_or_folder_is_not_opened(tmp_path: Path) -> None:
+    root = tmp_path / "projects"
+    secret = tmp_path / "secret.jsonl"
+    secret.write_bytes(b'{"k":"secret"}\n')
+    (root / "-p").mkdir(parents=True)
+    (root / "-p" / "evil.jsonl").symlink_to(secret)
+    (root / "-linked").symlink_to(tmp_path, target_is_directory=True)
+    for path in (root / "-p" / "evil.jsonl", root / "-linked" / "secret.jsonl"):
+        with pytest.raises(OutsideTree):
+            read_lines(
+                str(path), 0, secret.stat().st_ino, root=str(root), max_lines=10,
+                max_bytes=1 << 20, max_line=1 << 20, chunk=4096,
+            )  # fmt: skip
+
+
+def test_a_symlinked_folder_is_neither_listed_nor_watched(root: Path, make_watcher) -> None:
+    outside = root.parent / "outside"
+    touch(outside / f"{SESSION}.jsonl", b"{}\n")
+    (root / "-linked").symlink_to(outside, target_is_directory=True)
+    w = make_watcher(root)
+    assert w.start() == []
+    assert w.watch_count == 1  # the root only
+    w._add_tree(root / "-linked", 1)  # as if it had been a folder at the scan
+    assert w.watch_count == 1
+
+
+def test_the_service_scans_a_never_ending_line_once_over_many_appends(
+    watcher: Any, db_engine: Any
+) -> None:
+    """The real service: 200 appends to a line that never ends, each followed by a complete
+    line in another file as a barrier (both are read in the same round). The service's read(2)
+    bytes (``/proc/<pid>/io``) stay proportional to the bytes appended."""
+    from watcher_helpers import new_uuid, project_dir, turn_texts, user
+
+    folder = project_dir(watcher.root)
+    barrier_session = new_uuid()
+    partial = folder / f"{new_uuid()}.jsonl"
+    partial.write_bytes(b'{"type":"user","message":{"content":"')
+    barrier = folder / f"{barrier_session}.jsonl"
+    barrier.write_bytes(b"")
+    service = watcher.start()
+
+    def rchar() -> int:
+        io = Path(f"/proc/{service.pid}/io").read_text()
+        return int(next(x for x in io.splitlines() if x.startswith("rchar:")).split()[1])
+
+    before = rchar()
+    appends = 200
+    for i in range(appends):
+        with open(partial, "ab") as f:
+            f.write(b"x" * 4096)
+        with open(barrier, "ab") as f:
+            f.write(user(barrier_session, f"barrier {i}"))
+        wait_for(lambda i=i: len(turn_texts(db_engine, barrier_session)) == i + 1, "the barrier")
+    read = rchar() - before
+    size = partial.stat().st_size + barrier.stat().st_size
+    assert service.popen.poll() is None
+    assert read < 4 * size, f"the service read {read} bytes over {appends} appends of {size}"
+    assert service.stop() == 0

@@ -100,7 +100,7 @@ class Deriving:
         st = chunk.state
         assert st is not None
         now = self.clock()
-        for offset, raw in chunk.records:
+        for offset, raw in chunk.take_records():
             self.counters.lines += 1
             out = parse_line(raw, chunk.context)
             if out.kind == "reject":

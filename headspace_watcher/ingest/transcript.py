@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -75,7 +75,9 @@ class LineOutcome:
     agent_key: str | None = None
     payload: dict[str, Any] | None = None
     reason: str | None = None
-    line: dict[str, Any] | None = None  # the parsed object, for the derivers of ingest.derive
+    # the parsed object, for the derivers of ingest.derive; not part of the verdict (the two
+    # JSON paths may differ in what they make of fields no deriver reads, e.g. huge integers)
+    line: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 def _utc_now() -> datetime:

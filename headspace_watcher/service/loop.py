@@ -338,7 +338,7 @@ class Service:
     # ================================================================== sessions
     def _monitored(self, path: str, ctx: FileContext) -> bool:
         """Registered mode: read only files of sessions registered for monitoring."""
-        session = ctx.session_hint or first_session_id(path)
+        session = ctx.session_hint or first_session_id(path, str(self.config.projects_path))
         return session is not None and session in self.tracker.monitored()
 
     def _end_closed_sessions(self) -> None:

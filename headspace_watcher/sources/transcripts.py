@@ -22,6 +22,8 @@ from headspace_watcher.sources import Budget, Checkpoints
 from headspace_watcher.sources.layout import file_context
 from headspace_watcher.sources.reader import (
     FileReplaced,
+    OutsideTree,
+    PartialScan,
     ReadResult,
     content_matches,
     identity,
@@ -32,6 +34,7 @@ from headspace_watcher.sources.tree import TreeWatcher
 log = logging.getLogger(__name__)
 
 KIND = "transcript"
+OUTSIDE_TREE_REASON = "outside_tree: symlink or path outside the projects root; not read"
 PREFETCH_MAX = 1000
 
 
@@ -42,6 +45,7 @@ class TrackedFile:
     source: StreamState
     size: int = 0
     partial: int = 0  # bytes after the last complete line at the last read
+    scan: PartialScan | None = None  # how far that trailing line was scanned (go on from there)
     error: str | None = None
 
 
@@ -68,6 +72,7 @@ class TranscriptSource:
         self.checkpoints = checkpoints
         self.limits = limits
         self.watcher = TreeWatcher(root)
+        self._root = str(root)
         self._wanted = wanted
         self.files: dict[str, TrackedFile] = {}
         self.dirty: dict[str, None] = {}  # insertion-ordered set: fair round robin
@@ -144,8 +149,15 @@ class TranscriptSource:
             self.dirty.pop(path, None)
             self._deleted.append(path)
             return None
+        except OutsideTree:
+            # a symlink, or a path through one out of the tree: never opened for reading, so
+            # no byte of a foreign file (~/.ssh/id_rsa) can reach a row or a log line
+            return self._unread(
+                path, OUTSIDE_TREE_REASON, "transcript outside the projects root; not read"
+            )
         except OSError as exc:
-            return self._unreadable(path, exc)
+            reason = f"unreadable_file: {exc.strerror or exc}"
+            return self._unread(path, reason, "cannot read transcript")
         if res is None:
             return None
         if not res.more:
@@ -158,7 +170,7 @@ class TranscriptSource:
             tf.source,
             res.start,
             res.end_offset,
-            res.lines,
+            res.lines,  # handed over once: ingest drops each line's bytes as it parses it
             res.oversized,
             res.fingerprint,
             tf.ctx,
@@ -170,6 +182,8 @@ class TranscriptSource:
                 tf.path,
                 tf.source.committed_offset,
                 tf.source.inode,
+                root=self._root,
+                resume=tf.scan,
                 max_lines=budget.lines,
                 max_bytes=budget.bytes,
                 max_line=self.limits.max_line,
@@ -177,22 +191,24 @@ class TranscriptSource:
                 fingerprint=tf.source.fingerprint,
             )
         except FileReplaced as exc:
+            tf.scan = None
             ident = exc.identity
             tf.source = self._reconcile(tf.source, tf.path, ident.inode, ident.device, ident.size)
             return None  # still dirty: read again on the next step with the new state
         tf.error = None
         tf.size = res.size
         tf.partial = 0 if res.more else res.size - res.end_offset
+        tf.scan = res.partial
         return res
 
-    def _unreadable(self, path: str, exc: OSError) -> Chunk | None:
-        """Log once and leave a durable record; retried when the file changes again."""
+    def _unread(self, path: str, reason: str, message: str) -> Chunk | None:
+        """Log once and leave one content-free record per file and checkpoint; retried when
+        the file changes again."""
         self.dirty.pop(path, None)
-        reason = f"unreadable_file: {exc.strerror or exc}"
         tf = self.files.get(path)
         if tf is not None and tf.error == reason:
             return None
-        log.error("cannot read transcript", extra={"path": path, "error": reason})
+        log.error(message, extra={"path": path, "error": reason})
         if tf is None:  # no checkpoint to key the record by
             return Chunk(KIND, path, None, 0, 0, failure=reason)
         tf.error = reason
@@ -244,7 +260,9 @@ class TranscriptSource:
         grown = size >= state.committed_offset
         if same_inode and grown and state.fingerprint is None:
             return state  # nothing to compare the bytes with: trust the inode
-        if grown and content_matches(path, state.committed_offset, state.fingerprint):
+        if grown and content_matches(
+            path, state.committed_offset, state.fingerprint, root=self._root
+        ):
             if same_inode:
                 return state
             log.info("file replaced by a copy; continuing at checkpoint", extra={"path": path})

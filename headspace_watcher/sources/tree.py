@@ -6,6 +6,10 @@ writes are reported on their folder's watch, so there is no watch per file. The 
 only says *which* files may have changed; what to read is decided by comparing the file
 with its committed checkpoint, so a lost or coalesced event can never lose a line — at
 worst a rescan reads nothing new.
+
+Nothing outside the projects root is ever followed: symlinked folders are neither listed nor
+watched (folders are listed through ``O_NOFOLLOW`` descriptors and watched with
+``IN_DONT_FOLLOW``); files are opened only by ``sources.reader.open_in_tree``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ DIR_MASK = (
     | F.ATTRIB
     | F.ONLYDIR
 )
+# Below the root a folder is watched only if it is a folder itself: IN_DONT_FOLLOW makes a
+# symlink swapped in for it between the scan and add_watch fail (ENOTDIR) instead of watching
+# whatever it points at. The root may be a symlink: its real path is the trust anchor.
+SUBDIR_MASK = DIR_MASK | F.DONT_FOLLOW
 ANCESTOR_MASK = F.CREATE | F.MOVED_TO | F.DELETE_SELF | F.MOVE_SELF | F.ONLYDIR
 MAX_DIR_DEPTH = 3  # root=0, project=1, <uuid>=2, subagents=3
 
@@ -112,15 +120,15 @@ class TreeWatcher:
 
     def _add_tree(self, folder: Path, depth: int) -> list[str]:
         found: list[str] = []
-        if not self._watch(folder):
+        if not self._watch(folder, DIR_MASK if depth == 0 else SUBDIR_MASK):
             return found
         try:
-            entries = list(os.scandir(folder))
+            entries = _list_folder(folder, follow=depth == 0)
         except OSError as exc:
             log.warning("cannot list folder", extra={"path": str(folder), "error": exc.strerror})
             return found
         for entry in entries:
-            path = Path(entry.path)
+            path = folder / entry.name
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
@@ -135,9 +143,9 @@ class TreeWatcher:
         parts = path.relative_to(self.root).parts
         return len(parts) < 3 or parts[2] == "subagents"
 
-    def _watch(self, folder: Path) -> bool:
+    def _watch(self, folder: Path, mask: int) -> bool:
         try:
-            wd = self._inotify.add_watch(folder, DIR_MASK)
+            wd = self._inotify.add_watch(folder, mask)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 if not self.watch_limit_reached:
@@ -147,7 +155,7 @@ class TreeWatcher:
                         extra={"path": str(folder)},
                     )
                 self.watch_limit_reached = True
-            elif exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            elif exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 log.warning("cannot watch folder", extra={"path": str(folder), "error": str(exc)})
             return False
         self._dirs[wd] = folder
@@ -210,3 +218,17 @@ class TreeWatcher:
                 self._dirs.pop(other, None)
             changes.rescan = True
             changes.dirty.update(self._wait_for_root())
+
+
+def _list_folder(folder: Path, *, follow: bool) -> list[os.DirEntry[str]]:
+    """The folder's entries; below the root through an ``O_NOFOLLOW`` descriptor, so a folder
+    replaced by a symlink after its watch was set up is not listed (ELOOP/ENOTDIR)."""
+    if follow:
+        with os.scandir(folder) as it:
+            return list(it)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as it:
+            return list(it)
+    finally:
+        os.close(fd)

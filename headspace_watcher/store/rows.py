@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -46,6 +47,11 @@ EVENT_COLUMNS = (
     "idempotency_key",
 )
 _COPY_SQL = f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN"
+_PAYLOAD_COLUMN = EVENT_COLUMNS.index("payload")
+# A payload's JSON beyond this stays bytes and is streamed (``_copy_streamed``) in pieces of
+# _STREAM_PIECE: psycopg's write_row would hold it three more times (str, encoded, escaped).
+_STREAM_PAYLOAD_BYTES = 1 << 20
+_STREAM_PIECE = 1 << 20
 
 
 @dataclass(slots=True)
@@ -72,21 +78,57 @@ def _dumps(payload: dict[str, Any]) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
-def payload_json(event_type: str, payload: dict[str, Any]) -> str:
+def payload_json(event_type: str, payload: dict[str, Any]) -> str | bytes:
     """The payload as JSON text; orjson (~2.5x faster) only for closed schemas.
 
     A closed schema (``EventType.closed``) admits only strings, booleans, lists of strings and
     dicts of integers, where orjson writes the same document as ``json``. Open payloads may
     hold floats (orjson writes NaN as null) or types orjson serialises and ``json`` refuses.
-    Integers beyond 64 bits (orjson refuses them) take ``json``.
+    Integers beyond 64 bits (orjson refuses them) take ``json``. Beyond _STREAM_PAYLOAD_BYTES
+    the UTF-8 bytes are returned as they are, for ``_copy_streamed``.
     """
     entry = REGISTRY.get(event_type)
     if entry is not None and entry.closed:
         try:
-            return orjson.dumps(payload).decode()
+            data = orjson.dumps(payload)
         except TypeError:
-            pass
+            return _dumps(payload)
+        return data if len(data) > _STREAM_PAYLOAD_BYTES else data.decode()
     return _dumps(payload)
+
+
+def _copy_escape(data: bytes) -> bytes:
+    """COPY text format: backslash, tab, newline and carriage return escaped."""
+    return (
+        data.replace(b"\\", b"\\\\")
+        .replace(b"\t", b"\\t")
+        .replace(b"\n", b"\\n")
+        .replace(b"\r", b"\\r")
+    )
+
+
+def _copy_field(value: Any) -> bytes:
+    if value is None:
+        return b"\\N"
+    if isinstance(value, datetime):
+        return value.isoformat().encode()
+    return _copy_escape(str(value).encode())
+
+
+def _copy_streamed(cur: Any, row: tuple[Any, ...]) -> None:
+    """One row in a COPY of its own, its payload bytes escaped and sent piece by piece.
+
+    A COPY of its own because psycopg buffers ``write_row`` rows and ``write`` would overtake
+    them. The only whole copies alive are the payload's text and its JSON bytes.
+    """
+    data = row[_PAYLOAD_COLUMN]
+    before = b"".join(_copy_field(v) + b"\t" for v in row[:_PAYLOAD_COLUMN])
+    after = b"".join(b"\t" + _copy_field(v) for v in row[_PAYLOAD_COLUMN + 1 :])
+    with cur.copy(_COPY_SQL) as copy:
+        copy.write(before)
+        for start in range(0, len(data), _STREAM_PIECE):
+            copy.write(_copy_escape(data[start : start + _STREAM_PIECE]))
+        copy.write(after + b"\n")
 
 
 def event_row(e: Event) -> tuple[Any, ...]:
@@ -127,15 +169,30 @@ def copy_events(conn: Connection, evts: list[Event], invalid: list[Rejection]) -
     raw = conn.connection.driver_connection
     assert raw is not None
     sent = 0
-    with raw.cursor() as cur, cur.copy(_COPY_SQL) as copy:
-        for e in evts:
-            error = validate(e)
-            if error is not None:
-                invalid.append(invalid_rejection(e, error))
-                continue
-            copy.write_row(event_row(e))
+    rows = _valid_rows(evts, invalid)
+    with raw.cursor() as cur:
+        while True:
+            big: tuple[Any, ...] | None = None
+            with cur.copy(_COPY_SQL) as copy:
+                for row in rows:
+                    if isinstance(row[_PAYLOAD_COLUMN], bytes):
+                        big = row
+                        break
+                    copy.write_row(row)
+                    sent += 1
+            if big is None:
+                return sent
+            _copy_streamed(cur, big)
             sent += 1
-    return sent
+
+
+def _valid_rows(evts: list[Event], invalid: list[Rejection]) -> Iterator[tuple[Any, ...]]:
+    for e in evts:
+        error = validate(e)
+        if error is not None:
+            invalid.append(invalid_rejection(e, error))
+            continue
+        yield event_row(e)
 
 
 def insert_careful(conn: Connection, evts: Iterable[Event]) -> tuple[Outcomes, list[Rejection]]:
