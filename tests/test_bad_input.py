@@ -362,7 +362,10 @@ def test_unreadable_file_is_recorded_once_then_ingested_when_readable(
     assert len(db.rejected(locked)) == 1
     if os.geteuid() == 0:  # root here may still write it: a change must not add a second row
         write(locked, turn(locked_session, "two"))
-        time.sleep(0.5)
+        write(ok, turn(ok_session))  # a barrier: once it is in, `locked` was tried again
+        wait_for(lambda: len(db.turns(ok_session)) == 4, "the barrier line after the change")
+        assert service.output.count("cannot read transcript") == 1  # logged once per run
+        assert len(db.rejected(locked)) == 1
 
     os.chmod(locked, 0o644)
     os.utime(locked)  # the touch: inotify ATTRIB/MODIFY on the folder watch
@@ -601,6 +604,12 @@ def _wrong_password_url(cluster: Any) -> str:
     return f"postgresql+psycopg://hsw_app:{SECRET}@127.0.0.1:{cluster.port}/hsw"
 
 
+def _auth_failures(cluster: Any) -> int:
+    """Connection attempts the server refused (its own log: one FATAL line each)."""
+    text = Path(cluster.log_file).read_text(errors="replace")
+    return text.count('password authentication failed for user "hsw_app"')
+
+
 def test_wrong_password_run_once_fails_clearly(
     password_cluster: Any, tmp_path: Path, projects: Path
 ) -> None:
@@ -637,7 +646,12 @@ def test_wrong_password_live_service_stays_up_degraded(
     status_file = tmp_path / "state" / "status.json"
     wait_for(status_file.exists, "status.json")
     wait_for(lambda: "password authentication failed" in service.output, "the auth error")
-    time.sleep(0.5)  # more retry rounds: still up, still degraded
+    seen = _auth_failures(password_cluster)
+    wait_for(
+        lambda: _auth_failures(password_cluster) >= seen + 2,
+        "two more retry rounds refused by the server",
+        details=lambda: service.output,
+    )
     status = subprocess.run(
         [*CLI, "--config", str(cfg), "status", "--json"],
         capture_output=True,

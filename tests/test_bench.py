@@ -8,6 +8,7 @@ at ``--quick`` size, the writer's exit code only says whether a speed bar was me
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,17 +31,55 @@ def run_bench(pg_cluster: PgServer, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
+def figure(pattern: str, out: str) -> str:
+    """The one match of ``pattern``'s group in the benchmark's output (fails if absent)."""
+    found = re.findall(pattern, out, flags=re.MULTILINE)
+    assert len(found) == 1, f"expected one line matching {pattern!r}:\n{out}"
+    return found[0]
+
+
+def rate(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
 @pytest.mark.timeout(320)
-def test_writer_benchmark_runs_to_its_verdict(pg_cluster: PgServer) -> None:
+def test_writer_benchmark_reports_its_figures_and_a_verdict_that_matches_them(
+    pg_cluster: PgServer,
+) -> None:
     proc = run_bench(
         pg_cluster, "bench.writer", "--events", "1000", "--batch-size", "250",
-        "--latency-writes", "20", "--repeat", "1",
+        "--latency-writes", "20", "--repeat", "2",
     )  # fmt: skip
+    out = proc.stdout
 
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    assert proc.returncode in (0, 1), proc.stderr  # 1: a speed bar missed at this size
-    assert "batch / naive =" in proc.stdout and "batch / COPY  =" in proc.stdout
-    assert "bar: " in proc.stdout
+    assert "Traceback" not in proc.stderr + out, proc.stderr
+    events_s = r"\s+1000 events\s+[\d.]+ s\s+([\d,]+) events/s$"
+    naive = rate(figure(r"^\(a\) naive: INSERT \+ COMMIT per event" + events_s, out))
+    batches = [rate(figure(rf"^\(b\) BatchWriter.write_batch \(250/batch\) #{r}{events_s}", out))
+               for r in (1, 2)]  # fmt: skip
+    copies = [rate(figure(rf"^\(c\) floor: one COPY, one transaction #{r}{events_s}", out))
+              for r in (1, 2)]  # fmt: skip
+    best_batch, best_copy = figure(
+        r"^best of 2: batch ([\d,]+) events/s, COPY ([\d,]+) events/s$", out
+    )
+    assert (rate(best_batch), rate(best_copy)) == (max(batches), max(copies))
+    vs_naive = float(figure(r"^batch / naive = +([\d.]+)x   \(bar: >= 5x\)$", out))
+    vs_copy = float(figure(r"^batch / COPY  = +([\d.]+)x   \(bar: >= 0.7x\)$", out))
+    assert vs_naive == pytest.approx(max(batches) / naive, rel=0.02, abs=0.01)
+    assert vs_copy == pytest.approx(max(batches) / max(copies), rel=0.02, abs=0.01)
+    p50, p99, worst = figure(
+        r"^producer write commit latency over 20 writes: "
+        r"p50 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms$",
+        out,
+    )
+    assert 0 < float(p50) <= float(p99) <= float(worst)
+
+    # The verdict and the exit code say the same thing, and follow from the figures (a
+    # ratio printed within rounding of its bar could go either way: not judged).
+    verdict = figure(r"^bar: (met|MISSED)$", out)
+    assert proc.returncode == (0 if verdict == "met" else 1), (verdict, proc.returncode)
+    if abs(vs_naive - 5) > 0.02 and abs(vs_copy - 0.7) > 0.02:
+        assert (verdict == "met") == (vs_naive >= 5 and vs_copy >= 0.7), out
 
 
 @pytest.mark.timeout(320)

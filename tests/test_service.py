@@ -541,3 +541,61 @@ def test_live_replacement_by_copy_continues_and_by_other_content_restarts(
     assert turns_at(db_engine, path, 0) == 5
     assert len(turn_texts(db_engine)) == len(set(turn_texts(db_engine))) == 13
     exactly_once(db_engine, watcher.root, max_line_bytes=watcher.max_line_bytes)
+
+
+def test_live_steady_appends_to_many_files_cause_no_checkpoint_conflict(
+    watcher, db_engine, exactly_once
+) -> None:
+    """The service remembers its own commits: a file's next batch starts at the checkpoint it
+    just wrote, so the guard never refuses one (a refusal costs a reload and a re-read)."""
+    proj = project_dir(watcher.root)
+    sessions = [new_uuid() for _ in range(3)]
+    paths = [proj / f"{s}.jsonl" for s in sessions]
+    proc = watcher.start()
+
+    for rnd in range(5):
+        for session, path in zip(sessions, paths, strict=True):
+            append(path, *conversation(session, 4, start=now() + timedelta(seconds=10 * rnd)))
+        wait_for(
+            lambda n=rnd: count(db_engine, "turn_detected") == 12 * (n + 1),
+            f"round {rnd} committed",
+            details=proc.log,
+        )
+
+    assert proc.stop() == 0
+    status = watcher.status_file()
+    assert status["state"] == "stopped"
+    assert status["events_written"] == 60 + 3  # turns + one session_registered each
+    assert status["checkpoint_conflicts"] == 0, status
+    assert status["lag_bytes"] == 0
+    exactly_once(db_engine, watcher.root, max_line_bytes=watcher.max_line_bytes)
+
+
+def test_a_batch_ends_mid_file_and_holds_the_start_of_the_next(
+    watcher, db_engine, exactly_once
+) -> None:
+    """batch_max_lines 10 over three files of 7 lines: batches {A:7, B:3}, {B:4, C:6}, {C:1}
+    — one transaction each (read by PostgreSQL's xmin), every line exactly once."""
+    watcher.configure(file_watcher={"batch_max_lines": 10})
+    proj = project_dir(watcher.root)
+    for _ in range(3):
+        session = new_uuid()
+        append(proj / f"{session}.jsonl", *conversation(session, 7))
+
+    watcher.run_once()
+
+    per_txn = rows(
+        db_engine,
+        "SELECT e.xmin::text AS txn, s.path, count(*) AS n, min(e.id) AS first "
+        "FROM events e JOIN sources s ON s.id = e.source_id "
+        "WHERE e.event_type = 'turn_detected' GROUP BY 1, 2 ORDER BY 4",
+    )
+    batches: dict[str, list[tuple[str, int]]] = {}
+    for r in per_txn:
+        batches.setdefault(r.txn, []).append((r.path, r.n))
+    shape = [[n for _path, n in files] for files in batches.values()]
+    assert shape == [[7, 3], [4, 6], [1]], shape
+    first, second, _third = batches.values()
+    assert first[1][0] == second[0][0]  # the file cut by the first batch continues the second
+    assert watcher.status_file()["lines_read"] == 21
+    exactly_once(db_engine, watcher.root, max_line_bytes=watcher.max_line_bytes)

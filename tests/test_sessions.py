@@ -124,6 +124,23 @@ def test_inactivity_timeout_with_injected_clock(watcher, db_engine) -> None:
     assert len(session_events(db_engine, S1, "session_ended")) == 1
 
 
+def test_a_future_dated_line_does_not_delay_the_inactivity_timeout(watcher, db_engine) -> None:
+    """A line stamped in 2099 counts as activity *now*: the session still times out."""
+    watcher.configure(file_watcher={"inactivity_timeout": 60})
+    path = project_dir(watcher.root) / f"{S1}.jsonl"
+    append(path, user(S1, "from the future", at=datetime(2099, 1, 1, tzinfo=UTC)))
+
+    watcher.run_once(clock=fixed(T0))
+    assert len(session_events(db_engine, S1, "session_registered")) == 1
+    assert session_events(db_engine, S1, "session_ended") == []
+
+    watcher.run_once(clock=fixed(T0 + timedelta(seconds=120)))
+    ended = session_events(db_engine, S1, "session_ended")
+    assert ended == [{"session_uuid": S1, "reason": "timeout", "duration_seconds": 60}]
+    ended_at = scalar(db_engine, "SELECT timestamp FROM events WHERE event_type = 'session_ended'")
+    assert ended_at == T0 + timedelta(seconds=60)
+
+
 def test_live_inactivity_timeout_fires_while_idle(watcher, db_engine) -> None:
     watcher.configure(file_watcher={"inactivity_timeout": 1})
     proc = watcher.start()
