@@ -8,6 +8,7 @@ a file was truncated or replaced by different content.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
@@ -16,6 +17,29 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from headspace_watcher.db import sources
 
 FINGERPRINT_SPAN = 256
+
+
+def path_bytes(path: str) -> bytes | None:
+    """The name's raw bytes when it is not UTF-8 (it came from the filesystem with
+    surrogate escapes, which PostgreSQL text cannot hold), else None."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(path)
+        except UnicodeEncodeError:  # a lone surrogate not from the filesystem
+            return path.encode("utf-8", "surrogatepass")
+    return None
+
+
+def storable_path(path: str) -> str:
+    """``path`` as PostgreSQL text: unchanged when UTF-8, else its bad bytes as ``\\xNN``.
+
+    Not reversible on its own (a name may contain a literal ``\\xff``): the exact name is
+    kept in ``sources.path_bytes``.
+    """
+    raw = path_bytes(path)
+    return path if raw is None else raw.decode("utf-8", "backslashreplace")
 
 
 def tail_fingerprint(data: bytes) -> bytes:
@@ -41,9 +65,10 @@ class SourceState:
 
 def _state(row: object) -> SourceState:
     m = row._mapping  # type: ignore[attr-defined]
+    raw = m.get("path_bytes")
     return SourceState(
         source_id=m["id"],
-        path=m["path"],
+        path=os.fsdecode(bytes(raw)) if raw is not None else m["path"],
         inode=m["inode"],
         device=m["device"],
         generation=m["generation"],
@@ -68,7 +93,7 @@ class CheckpointStore:
 
     def load(self, path: str) -> SourceState | None:
         with self._engine.connect() as conn:
-            row = conn.execute(select(sources).where(sources.c.path == path)).first()
+            row = conn.execute(select(sources).where(sources.c.path == storable_path(path))).first()
         return _state(row) if row else None
 
     def register(self, path: str, inode: int, device: int) -> SourceState:
@@ -76,15 +101,16 @@ class CheckpointStore:
         state = self._prefetched.pop(path, None)
         if state is not None and (state.inode, state.device) == (inode, device):
             return state
+        stored = storable_path(path)
         with self._engine.begin() as conn:
             row = conn.execute(
                 pg_insert(sources)
-                .values(path=path, inode=inode, device=device)
+                .values(path=stored, path_bytes=path_bytes(path), inode=inode, device=device)
                 .on_conflict_do_nothing(index_elements=["path"])
                 .returning(*sources.c)
             ).first()
             if row is None:
-                row = conn.execute(select(sources).where(sources.c.path == path)).one()
+                row = conn.execute(select(sources).where(sources.c.path == stored)).one()
         return _state(row)
 
     def prefetched(self, path: str) -> bool:
@@ -105,11 +131,21 @@ class CheckpointStore:
         with self._engine.begin() as conn:
             conn.execute(
                 pg_insert(sources)
-                .values([{"path": p, "inode": i, "device": d} for p, i, d in todo])
+                .values(
+                    [
+                        {
+                            "path": storable_path(p),
+                            "path_bytes": path_bytes(p),
+                            "inode": i,
+                            "device": d,
+                        }
+                        for p, i, d in todo
+                    ]
+                )
                 .on_conflict_do_nothing(index_elements=["path"])
             )
             rows = conn.execute(
-                select(sources).where(sources.c.path.in_([p for p, _i, _d in todo]))
+                select(sources).where(sources.c.path.in_([storable_path(p) for p, _i, _d in todo]))
             ).all()
         for row in rows:
             state = _state(row)

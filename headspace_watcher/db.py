@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     DateTime,
     Engine,
     ForeignKey,
@@ -57,6 +58,8 @@ sources = Table(
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("path", Text, nullable=False, unique=True),
+    # the file name's bytes when they are not UTF-8 (``path`` then holds them escaped)
+    Column("path_bytes", LargeBinary, nullable=True),
     Column("inode", BigInteger, nullable=False),
     Column("device", BigInteger, nullable=False),
     Column("generation", Integer, nullable=False, server_default=text("0")),
@@ -179,6 +182,7 @@ def init_db(engine: Engine) -> int:
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK_KEY})
         metadata.create_all(conn, checkfirst=True)
+        _add_missing_columns(conn)
         conn.execute(
             text(
                 "INSERT INTO headspace_schema (id, version) VALUES (1, :v) "
@@ -188,3 +192,19 @@ def init_db(engine: Engine) -> int:
             {"v": SCHEMA_VERSION},
         )
     return SCHEMA_VERSION
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Columns added to tables that existed before them (additive, nullable).
+
+    Checked first: ``ALTER TABLE`` takes an exclusive lock even when there is nothing to do.
+    """
+    present = conn.execute(
+        text(
+            "SELECT 1 FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'sources' "
+            "AND column_name = 'path_bytes'"
+        )
+    ).first()
+    if present is None:
+        conn.execute(text("ALTER TABLE sources ADD COLUMN IF NOT EXISTS path_bytes bytea"))

@@ -25,14 +25,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import Connection, Engine, text
+import psycopg
+from sqlalchemy import Engine
 
 from headspace_watcher import __version__, health
 from headspace_watcher.checkpoints import PREFETCH_MAX, CheckpointStore, SourceState
 from headspace_watcher.config import Config, mask_url
 from headspace_watcher.db import init_db, make_engine
 from headspace_watcher.events import Event, Rejection, SourcePosition
-from headspace_watcher.retry import RetryPolicy
+from headspace_watcher.retry import RetryPolicy, describe, is_transient
 from headspace_watcher.sessions import SessionTracker
 from headspace_watcher.tailer import (
     FileReplaced,
@@ -45,6 +46,7 @@ from headspace_watcher.tailer import (
 from headspace_watcher.transcript import FileContext, file_context, parse_line
 from headspace_watcher.writer import (
     Batch,
+    BatchRefused,
     CheckpointConflict,
     EventWriter,
     SourceAdvance,
@@ -59,6 +61,7 @@ RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 # source_seq of an unreadable-file record: its position is the checkpoint the read failed at,
 # set apart from the lines' own sequence numbers (0 and 1) at that offset.
 UNREADABLE_SEQ = -1
+HELD_RETRY_MAX_S = 300.0
 TRIM_AFTER_BYTES = 1 << 20  # ingested since the last malloc_trim (see _release_free_memory)
 _LOCK_NAMESPACE = 0x4853  # "HS"
 
@@ -84,6 +87,16 @@ class Counters:
     skipped: int = 0
     rejected_lines: int = 0
     batches: int = 0
+
+
+@dataclass(slots=True)
+class _Held:
+    """A file whose own batch PostgreSQL refused: skipped until it changes or ``retry_at``."""
+
+    reason: str
+    retry_at: float
+    failures: int
+    size: int | None
 
 
 @dataclass(slots=True)
@@ -141,7 +154,10 @@ class Service:
         self.last_error: str | None = None
         self.stopping = False
         self._refused = False  # another watcher holds the lock: leave its pid/status files
-        self._lock_conn: Connection | None = None
+        self._lock_conn: psycopg.Connection[Any] | None = None
+        self._instance_fd: int | None = None  # flock on the state dir (health.lock_instance)
+        self.held: dict[str, _Held] = {}
+        self._isolate = 0  # batches still to build from one file each (after a refusal)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_beat = 0.0
         self._next_rescan = 0.0
@@ -155,9 +171,9 @@ class Service:
         self._install_signals()
         if early_signal:
             self._on_stop_signal(early_signal[0], None)
-        previous_pid = health.read_pid(self.config.state_dir)
-        health.write_pid(self.config.state_dir)
         try:
+            self._lock_state_dir()
+            health.write_pid(self.config.state_dir)
             self._log_ready()
             self._discover(self.watcher.start())
             self._connect()
@@ -174,8 +190,13 @@ class Service:
             return EXIT_OK
         finally:
             self._close()
-            if self._refused and previous_pid and health.read_pid(self.config.state_dir) is None:
-                health.write_pid(self.config.state_dir, previous_pid)  # the running one's
+
+    def _lock_state_dir(self) -> None:
+        """Before touching the state dir: its pid and status files may be a live one's."""
+        try:
+            self._instance_fd = health.lock_instance(self.config.state_dir)
+        except health.InstanceLocked as exc:
+            raise _AnotherWatcher(str(exc)) from None
 
     def _log_ready(self) -> None:
         log.info(
@@ -196,16 +217,17 @@ class Service:
         if not self._refused:
             with contextlib.suppress(Exception):
                 self._write_status()
-        if self._lock_conn is not None:
-            with contextlib.suppress(Exception):
-                self._lock_conn.close()
+        self._drop_lock()
         with contextlib.suppress(Exception):
             self.engine.dispose()
         self.watcher.close()
         for fd in (self._wakeup_r, self._wakeup_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        health.remove_pid(self.config.state_dir)
+        if self._instance_fd is not None:  # last: the files above are ours until here
+            health.remove_pid(self.config.state_dir)
+            os.close(self._instance_fd)
+            self._instance_fd = None
         log.info(
             "headspace-watcher stopped",
             extra={"events_written": self.writer.metrics.events_written},
@@ -237,7 +259,7 @@ class Service:
             return True
         try:
             init_db(self.engine)
-            self._take_lock()
+            self._ensure_lock()
             self.tracker.load(self.engine)
             states = self.checkpoints.load_all()
             for tf in self.files.values():
@@ -263,20 +285,31 @@ class Service:
         self._mark_all_dirty()
         return True
 
-    def _take_lock(self) -> None:
-        """One watcher per host and projects path: a second one refuses to start."""
-        if self._lock_conn is not None:
-            with contextlib.suppress(Exception):
-                self._lock_conn.close()
-            self._lock_conn = None
-        conn = self.engine.connect()
-        key = f"headspace-watcher:{socket.gethostname()}:{self.config.projects_path}"
-        got = conn.execute(
-            text("SELECT pg_try_advisory_lock(:ns, hashtext(:k))"),
-            {"ns": _LOCK_NAMESPACE, "k": key},
-        ).scalar()
-        conn.commit()
-        if not got:
+    def _ensure_lock(self) -> None:
+        """One watcher per host and projects tree: a second one refuses to start.
+
+        The advisory lock lives on a connection of its own, taken out of the pool for the
+        process's life: back in the pool its session (and the lock) would live on, and the
+        next try to take it would fail against ourselves. The key is the tree's real path, so
+        an alias through a symlink is the same tree.
+        """
+        if self._lock_held(ping=False):
+            return
+        self._drop_lock()
+        pooled = self.engine.raw_connection()
+        conn = pooled.driver_connection
+        assert isinstance(conn, psycopg.Connection)
+        pooled.detach()  # closing it now really ends the session, and the lock with it
+        try:
+            conn.rollback()
+            conn.autocommit = True
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_LOCK_NAMESPACE, self._lock_key())
+            ).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        if not row or not row[0]:
             conn.close()
             raise _AnotherWatcher(
                 f"another headspace-watcher already watches {self.config.projects_path} "
@@ -284,8 +317,51 @@ class Service:
             )
         self._lock_conn = conn
 
-    def _db_failed(self, exc: BaseException) -> None:
+    def _lock_key(self) -> str:
+        real = os.path.realpath(self.config.projects_path)
+        return f"headspace-watcher:{socket.gethostname()}:{real}"
+
+    def _lock_held(self, *, ping: bool) -> bool:
+        """Is the lock's session still ours? Without ``ping`` only a look at its socket (no
+        round trip): a terminated session has sent its FATAL message or closed."""
+        conn = self._lock_conn
+        if conn is None or conn.closed:
+            return False
+        if not ping:
+            try:
+                readable, _, _ = select.select([conn.fileno()], [], [], 0)
+            except (OSError, ValueError, psycopg.Error):
+                return False
+            if not readable:
+                return True
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
+    def _check_lock(self, *, ping: bool) -> bool:
+        """False (and reconnect soon) when the lock's session was lost: re-taken then."""
+        if self._lock_held(ping=ping):
+            return True
+        log.warning("single-instance lock lost (its connection ended); taking it again")
+        self._drop_lock()
         self.db_ready = False
+        self.db_retry_at = 0.0
+        return False
+
+    def _drop_lock(self) -> None:
+        if self._lock_conn is not None:
+            with contextlib.suppress(Exception):
+                self._lock_conn.close()
+            self._lock_conn = None
+
+    def _db_failed(self, exc: BaseException) -> None:
+        """Degraded: hold every offset, retry on a capped backoff, on fresh connections
+        (a session keeps what it started with, e.g. a database since set read-only)."""
+        self.db_ready = False
+        with contextlib.suppress(Exception):
+            self.engine.dispose()
         self.db_failures += 1
         self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         delay = self.retry.capped(self.db_failures)
@@ -340,6 +416,7 @@ class Service:
             else:
                 self._end_due_sessions()
             self._maybe_rescan(now)
+            self._retry_held(now)
             self._maybe_beat(now)
 
     def _timeout(self) -> float | None:
@@ -354,6 +431,8 @@ class Service:
             waits.append((deadline - self.clock()).total_seconds())
         if self.watcher.watch_limit_reached:
             waits.append(self._next_rescan - now)
+        if self.held and self.db_ready:
+            waits.append(min(h.retry_at for h in self.held.values()) - now)
         return max(0.0, min(waits))
 
     def _wait(self, timeout: float | None) -> None:
@@ -381,6 +460,8 @@ class Service:
                 self.tracker.load(self.engine)
                 self._drop_unmonitored()
                 self._discover(list(self.unwatched))
+        if self.db_ready:
+            self._check_lock(ping=True)
         self._write_status()
         if self.db_ready:
             try:
@@ -503,16 +584,25 @@ class Service:
             self._flush_deleted()
 
     def _build_and_write(self) -> bool:
+        if not self._check_lock(ping=False):
+            return False
+        isolating = self._isolate > 0
         try:
-            batch, pending = self._build_batch()
+            batch, pending = self._build_batch(one_file=isolating)
         except Exception as exc:  # database errors while registering sources
             self.tracker.rollback()
             self._db_failed(exc)
             return False
         if not batch:
             return True
+        if isolating:
+            self._isolate -= 1
         try:
             result = self.writer.write_batch(batch, should_abort=lambda: self.stopping)
+        except BatchRefused as exc:
+            self._rollback(pending)
+            self._refused_batch(pending, str(exc), isolating)
+            return True
         except CheckpointConflict as exc:
             log.warning("checkpoint moved under us; reloading", extra={"error": str(exc)})
             self._rollback(pending)
@@ -534,7 +624,66 @@ class Service:
         self._maybe_status()
         return True
 
-    def _build_batch(self) -> tuple[Batch, _Pending]:
+    def _refused_batch(self, pending: _Pending, reason: str, isolating: bool) -> None:
+        """A batch PostgreSQL refused even line by line: find its file, hold it, go on.
+
+        Several files: the next batches take one file each, so the others are stored and
+        only the culprit's own batch fails again. One file (or while isolating): that file
+        is held, with a durable record, and retried later or when it changes.
+        """
+        files = [tf for tf, _res in pending.files]
+        if len(files) > 1 and not isolating:
+            log.warning(
+                "batch refused by the database; retrying it file by file",
+                extra={"files": len(files), "error": reason[:300]},
+            )
+            self._isolate = len(files)
+            return
+        for tf in files:
+            self._hold(tf.path, reason)
+
+    def _hold(self, path: str, reason: str) -> None:
+        """Skip ``path`` until it changes or a capped backoff passes; record it once."""
+        self.dirty.pop(path, None)
+        previous = self.held.get(path)
+        failures = previous.failures + 1 if previous else 1
+        delay = min(HELD_RETRY_MAX_S, self.retry.capped(failures) * 2**failures)
+        try:
+            size: int | None = os.stat(path).st_size
+        except OSError:
+            size = None
+        self.held[path] = _Held(reason, self.monotonic() + delay, failures, size)
+        if previous is not None and previous.reason == reason:
+            return
+        log.error(
+            "file held: the database refuses its lines; other files go on",
+            extra={"path": path, "error": reason[:300], "retry_in_s": round(delay, 1)},
+        )
+        # no source position: the record is about the file, not one of its lines (those are
+        # all stored once the file is released), so it must not count as a line's rejection
+        record = Rejection(f"file_held: {reason}", b"", path, None, 0, None)
+        try:
+            self.writer.write_batch(Batch(rejections=[record]))
+        except Exception as exc:
+            log.error("cannot record the held file", extra={"path": path, "error": str(exc)[:300]})
+
+    def _held_now(self, path: str) -> bool:
+        """Still held: not due for a retry and unchanged since it was held."""
+        held = self.held.get(path)
+        if held is None:
+            return False
+        try:
+            size: int | None = os.stat(path).st_size
+        except OSError:
+            size = None
+        return self.monotonic() < held.retry_at and size == held.size
+
+    def _retry_held(self, now: float) -> None:
+        for path, held in self.held.items():
+            if now >= held.retry_at:
+                self.dirty[path] = None
+
+    def _build_batch(self, one_file: bool = False) -> tuple[Batch, _Pending]:
         batch = Batch()
         pending = _Pending()
         self._prefetch_sources()
@@ -542,10 +691,14 @@ class Service:
             if (
                 pending.lines >= self.limits["max_lines"]
                 or pending.bytes >= self.limits["max_bytes"]
+                or (one_file and pending.files)
             ):
                 break
+            if self._held_now(path):
+                self.dirty.pop(path, None)
+                continue
             try:
-                tf = self._track(path)
+                tf = self._track_or_hold(path)
                 if tf is None:
                     self.dirty.pop(path, None)
                     continue
@@ -653,8 +806,20 @@ class Service:
             )
         )
 
+    def _track_or_hold(self, path: str) -> TrackedFile | None:
+        """``_track``, holding the file when PostgreSQL refuses its checkpoint row for good."""
+        try:
+            return self._track(path)
+        except Exception as exc:
+            if is_transient(exc) or isinstance(exc, OSError):
+                raise
+            self._hold(path, describe(exc))
+            return None
+
     def _committed(self, pending: _Pending, lost: set[tuple[str, str]]) -> None:
         for tf, res in pending.files:
+            if self.held.pop(tf.path, None) is not None:
+                log.info("held file stored again", extra={"path": tf.path})
             tf.source.committed_offset = res.end_offset
             tf.source.fingerprint = res.fingerprint
             tf.source.lines_committed += res.count
@@ -714,6 +879,12 @@ class Service:
             self.tracker.rollback()
             self._db_failed(exc)
             return False
+        except BatchRefused as exc:  # not retried: the next load decides again
+            self.tracker.rollback()
+            log.error("cannot end sessions", extra={"error": str(exc)[:300]})
+            for session, _reason, _at in ends:
+                self.tracker.forget(session)
+            return True
         self.tracker.commit()
         if result.lost:
             self.tracker.load(self.engine)

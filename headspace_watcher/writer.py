@@ -12,6 +12,13 @@ compared with where the batch starts, so rows for those positions cannot exist y
 guard is ever wrong (a unique-index hit) or one event is poison (PostgreSQL refuses it), the
 transaction is redone row by row with savepoints: duplicates are skipped with a warning,
 poison events go to ``rejected_events``, the rest is stored.
+
+Any other non-transient refusal (a project path or session id beyond an index's limit, a
+value the driver cannot encode) redoes the whole batch once more, each project, agent,
+session change, event and rejection in its own savepoint (``_store_careful``): a refused
+reference is left out (its events are stored without it), a refused event becomes a
+rejection of its line, everything else is stored. Only when even that fails does the caller
+get ``BatchRefused`` (nothing stored) and isolate the file.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ from sqlalchemy import Connection, Engine, bindparam, func, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from headspace_watcher.checkpoints import storable_path
 from headspace_watcher.db import agents, events, projects, rejected_events, sessions, sources
 from headspace_watcher.events import Event, Rejection, SourcePosition
 from headspace_watcher.retry import RetryPolicy, is_transient
+from headspace_watcher.retry import describe as _describe  # cli.py imports it from here
 from headspace_watcher.schemas import InvalidEvent, validate_payload
 from headspace_watcher.sessions import SessionChange, SessionInfo
 
@@ -63,6 +72,10 @@ class WriteFailed(RuntimeError):
 
 class WriteAborted(RuntimeError):
     """The caller asked to stop (shutdown) while retrying; nothing of the batch was stored."""
+
+
+class BatchRefused(RuntimeError):
+    """A non-transient error remained even line by line; nothing of the batch was stored."""
 
 
 class CheckpointConflict(RuntimeError):
@@ -161,6 +174,11 @@ class _NewRefs:
     assigned: list[Event] = field(default_factory=list)
     assigned_agents: list[Event] = field(default_factory=list)
 
+    # new references PostgreSQL refused (careful mode), with the reason: their events are
+    # rejected instead of stored
+    refused_projects: dict[str, str] = field(default_factory=dict)
+    refused_agents: dict[str, str] = field(default_factory=dict)
+
     def forget(self) -> None:
         for e in self.assigned:
             e.project_id = None
@@ -201,7 +219,7 @@ class EventWriter:
             raise
         ids: list[int | None] = []
 
-        def attempt(conn: Connection) -> WriteResult:
+        def attempt(conn: Connection, _refs: _NewRefs) -> WriteResult:
             ids.clear()
             result = WriteResult()
             self._insert_careful(conn, [event], result, ids)
@@ -218,7 +236,12 @@ class EventWriter:
         Payloads are validated inside the transaction while the rows stream to the server
         (``_copy_events``); invalid events become rejections of that same transaction.
         """
-        return self._with_retries(lambda conn: self._store(conn, batch), batch.events, should_abort)
+        return self._with_retries(
+            lambda conn, _refs: self._store(conn, batch),
+            batch.events,
+            should_abort,
+            careful=lambda conn, refs: self._store_careful(conn, batch, refs),
+        )
 
     def ping(self) -> bool:
         """True when the database answers a trivial query now."""
@@ -232,17 +255,20 @@ class EventWriter:
     # ------------------------------------------------------------------ retries
     def _with_retries(
         self,
-        attempt: Callable[[Connection], WriteResult],
+        attempt: Callable[[Connection, _NewRefs], WriteResult],
         evts: list[Event],
         should_abort: Callable[[], bool],
+        careful: Callable[[Connection, _NewRefs], WriteResult] | None = None,
     ) -> WriteResult:
+        """``careful``: the attempt to switch to (once) when ``attempt`` is refused for good."""
         delays = self.retry.delays()
+        narrowing = False
         while True:
             refs = _NewRefs()
             try:
                 with self.engine.begin() as conn:
-                    self._resolve_ids(conn, evts, refs)
-                    result = attempt(conn)
+                    self._resolve_ids(conn, evts, refs, careful=narrowing)
+                    result = (careful if narrowing and careful else attempt)(conn, refs)
                 self._project_ids.update(refs.projects)  # committed: safe to reuse
                 self._agent_ids.update(refs.agents)
                 self._account(result)
@@ -252,7 +278,18 @@ class EventWriter:
                 if isinstance(exc, CheckpointConflict) or not isinstance(exc, Exception):
                     raise
                 if not is_transient(exc):
-                    raise
+                    if careful is None:
+                        raise
+                    if narrowing:
+                        self.metrics.failed_writes += 1
+                        self.metrics.last_error = _describe(exc)
+                        raise BatchRefused(self.metrics.last_error) from exc
+                    log.warning(
+                        "batch refused; narrowing it to the offending lines",
+                        extra={"error": _describe(exc), "events": len(evts)},
+                    )
+                    narrowing = True
+                    continue
                 self.metrics.last_error = _describe(exc)
                 delay = next(delays, None)
                 if delay is None or should_abort():
@@ -295,7 +332,7 @@ class EventWriter:
             try:
                 with conn.begin_nested():
                     result.written = self._copy_events(conn, evts, invalid)
-            except (sa_exc.DBAPIError, psycopg.Error) as exc:
+            except _REFUSABLE as exc:
                 if is_transient(exc):
                     raise
                 log.warning(
@@ -307,6 +344,39 @@ class EventWriter:
         rejections = batch.rejections + invalid
         if rejections:
             result.rejected += self._insert_rejections(conn, rejections)
+        self._advance(conn, batch.advances)
+        return result
+
+    def _store_careful(self, conn: Connection, batch: Batch, refs: _NewRefs) -> WriteResult:
+        """``_store`` after a refusal, every row alone: a refused row affects only its line.
+
+        A project, agent or session PostgreSQL refuses (a path or id beyond an index's
+        limit) is left out and its events are stored without that reference (the payload
+        still holds the value); an event refused itself becomes a rejection of its line.
+        """
+        self._check_guard(conn, batch.advances)
+        result = WriteResult()
+        refused: dict[str, str] = {}
+        result.lost = self._apply_sessions(conn, batch.sessions, refused)
+        for what, reasons in (
+            ("project", refs.refused_projects),
+            ("agent", refs.refused_agents),
+            ("session", refused),
+        ):
+            for reason in reasons.values():
+                log.warning(
+                    f"{what} refused by the database; its lines are stored without it",
+                    extra={"error": reason},
+                )
+        evts = [
+            e
+            for e in batch.events
+            if not isinstance(e.payload, dict)
+            or (_LIFECYCLE.get(e.event_type), e.payload.get("session_uuid")) not in result.lost
+        ]
+        valid, invalid = self._validated(evts)
+        self._insert_careful(conn, valid, result, [])
+        result.rejected += self._insert_rejections_careful(conn, batch.rejections + invalid)
         self._advance(conn, batch.advances)
         return result
 
@@ -404,7 +474,7 @@ class EventWriter:
             try:
                 with conn.begin_nested():
                     new_id = conn.execute(stmt).scalar()
-            except sa_exc.DBAPIError as exc:
+            except _REFUSABLE as exc:
                 if is_transient(exc):
                     raise
                 poison.append(self._poison_rejection(e, exc))
@@ -439,12 +509,29 @@ class EventWriter:
             )
         return len(stored)
 
+    def _insert_rejections_careful(self, conn: Connection, rejections: list[Rejection]) -> int:
+        """Each rejection alone; one still refused is stored without its raw text."""
+        stored = 0
+        for r in rejections:
+            try:
+                with conn.begin_nested():
+                    stored += self._insert_rejections(conn, [r])
+                continue
+            except _REFUSABLE as exc:
+                if is_transient(exc):
+                    raise
+                reason = f"{r.reason} (raw text refused: {_describe(exc)})"
+            bare = replace(r, raw=b"", reason=reason, details={})
+            with conn.begin_nested():
+                stored += self._insert_rejections(conn, [bare])
+        return stored
+
     @staticmethod
     def _rejection_row(r: Rejection) -> dict[str, Any]:
         p = r.position
         full = r.full_length if r.full_length is not None else len(r.raw)
         return {
-            "source_path": r.source_path,
+            "source_path": storable_path(r.source_path) if r.source_path else r.source_path,
             "byte_offset": r.offset if r.offset is not None else (p.offset if p else None),
             "raw_text": storable_text(r.raw),
             "raw_length": full,
@@ -457,50 +544,69 @@ class EventWriter:
         }
 
     def _apply_sessions(
-        self, conn: Connection, changes: list[SessionChange]
+        self,
+        conn: Connection,
+        changes: list[SessionChange],
+        refused: dict[str, str] | None = None,
     ) -> set[tuple[str, str]]:
-        """Apply lifecycle changes under their guards; return the (kind, uuid) that lost."""
+        """Apply lifecycle changes under their guards; return the (kind, uuid) that lost.
+
+        With ``refused`` (careful mode) each change is alone in a savepoint: one PostgreSQL
+        refuses (e.g. a session id beyond the primary key's index limit) is noted there with
+        the reason and counted as lost.
+        """
         lost: set[tuple[str, str]] = set()
         for ch in _coalesce(changes):
-            i = ch.info
-            if ch.kind == "activity":
-                stmt = _session_activity_stmt()
-                params = {
-                    "uuid": i.session_uuid,
-                    "expected_epoch": ch.expected_epoch,
-                    "at": i.last_activity_at,
-                }
-                if conn.execute(stmt, params).rowcount == 0:
-                    # ended meanwhile (e.g. `unregister`): nothing of the batch is stored; the
-                    # caller reloads the sessions and redoes it, registering the session again
-                    raise CheckpointConflict(
-                        f"session {i.session_uuid} is no longer active with epoch "
-                        f"{ch.expected_epoch}"
-                    )
+            if refused is None:
+                self._apply_session(conn, ch, lost)
                 continue
-            if ch.kind == "end" and ch.expected_epoch == 0:
-                lost.add((ch.kind, i.session_uuid))
-                continue
-            values = {
-                "session_uuid": i.session_uuid,
-                "state": i.state,
-                "epoch": i.epoch,
-                "registered_at": i.registered_at,
-                "last_activity_at": i.last_activity_at,
-                "project_path": i.project_path,
-                "project_id": self._project_ids.get(i.project_path or ""),
-                "agent_id": self._agent_ids.get(i.session_uuid),
-                "ended_at": ch.ended_at,
-                "end_reason": ch.end_reason,
-                "monitored": i.monitored,
-                "working_directory": i.working_directory,
-                "iterm_pane_id": i.iterm_pane_id,
-                "expected_epoch": ch.expected_epoch,
-            }
-            stmt = _session_upsert_stmt(ch.kind == "register")
-            if conn.execute(stmt, values).first() is None:
-                lost.add((ch.kind, i.session_uuid))
+            try:
+                with conn.begin_nested():
+                    self._apply_session(conn, ch, lost)
+            except _REFUSABLE as exc:
+                if is_transient(exc):
+                    raise
+                refused[ch.info.session_uuid] = _describe(exc)
+                lost.add((ch.kind, ch.info.session_uuid))
         return lost
+
+    def _apply_session(
+        self, conn: Connection, ch: SessionChange, lost: set[tuple[str, str]]
+    ) -> None:
+        """One guarded lifecycle change; a guard that failed adds (kind, uuid) to ``lost``."""
+        i = ch.info
+        if ch.kind == "activity":
+            params = {"uuid": i.session_uuid, "expected_epoch": ch.expected_epoch}
+            params["at"] = i.last_activity_at
+            if conn.execute(_session_activity_stmt(), params).rowcount == 0:
+                # ended meanwhile (e.g. `unregister`): nothing of the batch is stored; the
+                # caller reloads the sessions and redoes it, registering the session again
+                raise CheckpointConflict(
+                    f"session {i.session_uuid} is no longer active with epoch {ch.expected_epoch}"
+                )
+            return
+        if ch.kind == "end" and ch.expected_epoch == 0:
+            lost.add((ch.kind, i.session_uuid))
+            return
+        values = {
+            "session_uuid": i.session_uuid,
+            "state": i.state,
+            "epoch": i.epoch,
+            "registered_at": i.registered_at,
+            "last_activity_at": i.last_activity_at,
+            "project_path": i.project_path,
+            "project_id": self._project_ids.get(i.project_path or ""),
+            "agent_id": self._agent_ids.get(i.session_uuid),
+            "ended_at": ch.ended_at,
+            "end_reason": ch.end_reason,
+            "monitored": i.monitored,
+            "working_directory": i.working_directory,
+            "iterm_pane_id": i.iterm_pane_id,
+            "expected_epoch": ch.expected_epoch,
+        }
+        stmt = _session_upsert_stmt(ch.kind == "register")
+        if conn.execute(stmt, values).first() is None:
+            lost.add((ch.kind, i.session_uuid))
 
     def _advance(self, conn: Connection, advances: list[SourceAdvance]) -> None:
         if not advances:
@@ -521,34 +627,44 @@ class EventWriter:
         )
 
     # ------------------------------------------------------------------ reference data
-    def _resolve_ids(self, conn: Connection, evts: list[Event], refs: _NewRefs) -> None:
+    def _resolve_ids(
+        self, conn: Connection, evts: list[Event], refs: _NewRefs, *, careful: bool = False
+    ) -> None:
         """Upsert the batch's new projects/agents first in its transaction, before any lock.
 
         All new ones of a batch in one statement per table (a catch-up sees hundreds). In the
         batch's transaction rather than one of their own, which cost a second commit (an
         fsync) per batch of a catch-up. First, before the checkpoint guard's row locks, so two
-        writers racing for the same sources take their locks in the same order.
+        writers racing for the same sources take their locks in the same order. ``careful``:
+        each alone in a savepoint, the refused ones noted in ``refs.refused_*``.
         """
         paths = {e.project_path for e in evts if e.project_path} - self._project_ids.keys()
         keys = {e.agent_key for e in evts if e.agent_key} - self._agent_ids.keys()
         if paths:
-            refs.projects = self._upsert_projects(conn, sorted(paths))
+            refs.projects = (
+                _each_alone(conn, self._upsert_projects, sorted(paths), refs.refused_projects)
+                if careful
+                else self._upsert_projects(conn, sorted(paths))
+            )
         if keys:
             project_of: dict[str, str] = {}
             for e in evts:
                 if e.agent_key in keys and e.project_path:
                     project_of.setdefault(e.agent_key, e.project_path)
             known = self._project_ids | refs.projects
-            refs.agents = self._upsert_agents(
-                conn, [(k, known.get(project_of.get(k, ""))) for k in sorted(keys)]
+            wanted = [(k, known.get(project_of.get(k, ""))) for k in sorted(keys)]
+            refs.agents = (
+                _each_alone(conn, self._upsert_agents, wanted, refs.refused_agents)
+                if careful
+                else self._upsert_agents(conn, wanted)
             )
         project_ids = self._project_ids | refs.projects if refs.projects else self._project_ids
         agent_ids = self._agent_ids | refs.agents if refs.agents else self._agent_ids
         for e in evts:
-            if e.project_id is None and e.project_path:
+            if e.project_id is None and e.project_path in project_ids:
                 e.project_id = project_ids[e.project_path]
                 refs.assigned.append(e)
-            if e.agent_id is None and e.agent_key:
+            if e.agent_id is None and e.agent_key in agent_ids:
                 e.agent_id = agent_ids[e.agent_key]
                 refs.assigned_agents.append(e)
 
@@ -655,6 +771,30 @@ def _session_upsert_stmt(register: bool) -> Any:
     ).returning(sessions.c.epoch)
 
 
+_REFUSABLE = (sa_exc.StatementError, psycopg.Error, ValueError)  # ValueError: encoding
+_Item = Any
+
+
+def _each_alone(
+    conn: Connection,
+    upsert: Callable[[Connection, list[_Item]], dict[str, int]],
+    items: list[_Item],
+    refused: dict[str, str],
+) -> dict[str, int]:
+    """``upsert`` one item per savepoint; a refused one's key goes to ``refused``, with why."""
+    found: dict[str, int] = {}
+    for item in items:
+        key = item[0] if isinstance(item, tuple) else item
+        try:
+            with conn.begin_nested():
+                found |= upsert(conn, [item])
+        except _REFUSABLE as exc:
+            if is_transient(exc):
+                raise
+            refused[key] = _describe(exc)
+    return found
+
+
 def _coalesce(changes: list[SessionChange]) -> list[SessionChange]:
     """One change per session and batch: an activity update folds into the change before it."""
     out: list[SessionChange] = []
@@ -682,9 +822,3 @@ def _safe_dumps(payload: Any) -> str:
 
 def _position(p: SourcePosition | None) -> str | None:
     return None if p is None else f"{p.source_id}/{p.generation}/{p.offset}/{p.seq}"
-
-
-def _describe(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    first = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {first[0] if first else ''}"[:500]
