@@ -155,6 +155,7 @@ class Service:
         self.stopping = False
         self._refused = False  # another watcher holds the lock: leave its pid/status files
         self._lock_conn: psycopg.Connection[Any] | None = None
+        self._had_lock = False  # once held, losing it to another watcher is waited out
         self._instance_fd: int | None = None  # flock on the state dir (health.lock_instance)
         self.held: dict[str, _Held] = {}
         self._isolate = 0  # batches still to build from one file each (after a refusal)
@@ -265,8 +266,11 @@ class Service:
             for tf in self.files.values():
                 if tf.path in states:
                     tf.source = states[tf.path]
-        except _AnotherWatcher:
-            raise
+        except _AnotherWatcher as exc:
+            if not self._had_lock:
+                raise  # at start-up: refuse, the other one is the service
+            self._lock_taken_over(exc)
+            return False
         except Exception as exc:
             self._db_failed(exc)
             return False
@@ -316,6 +320,7 @@ class Service:
                 f"on {socket.gethostname()} with this database"
             )
         self._lock_conn = conn
+        self._had_lock = True
 
     def _lock_key(self) -> str:
         real = os.path.realpath(self.config.projects_path)
@@ -349,6 +354,17 @@ class Service:
         self.db_ready = False
         self.db_retry_at = 0.0
         return False
+
+    def _lock_taken_over(self, exc: _AnotherWatcher) -> None:
+        """Another watcher took the lock while ours was lost: write nothing, wait for it."""
+        if self.last_error != str(exc):
+            log.error("single-instance lock held by another watcher; not writing, waiting")
+        self.db_ready = False
+        self.db_failures += 1
+        self.last_error = str(exc)
+        self.db_retry_at = self.monotonic() + self.retry.capped(self.db_failures)
+        self.state = "degraded"
+        self._write_status()
 
     def _drop_lock(self) -> None:
         if self._lock_conn is not None:

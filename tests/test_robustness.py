@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -73,6 +74,20 @@ def assert_running(proc: WatcherProcess, state: str) -> None:
     )
 
 
+def stays_degraded(proc: WatcherProcess, beats: int = 2) -> None:
+    """Degraded through ``beats`` more status reports (retry rounds in between), still up."""
+    seen: set[str] = set()
+
+    def another() -> bool:
+        st = status_of(proc)
+        assert proc.popen.poll() is None, proc.log()
+        assert st.get("state") == "degraded", st
+        seen.add(st.get("updated_at", ""))
+        return len(seen) > beats
+
+    wait_for(another, f"{beats} more degraded status reports", details=proc.log)
+
+
 def lock_holders(engine: Engine) -> list[int]:
     return [
         r[0]
@@ -92,13 +107,14 @@ def admin(url: str) -> psycopg.Connection[Any]:
     return psycopg.connect(u.render_as_string(hide_password=False), autocommit=True)
 
 
-def terminate_watcher_backends(url: str) -> None:
+def terminate_pool_backends(url: str, keep: list[int]) -> None:
+    """End the watcher's pooled sessions (not the lock's ``keep``): its next write reconnects."""
     dbname = make_url(url).database
     with admin(url) as conn:
         conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND application_name = 'headspace-watcher'",
-            (dbname,),
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+            "AND application_name = 'headspace-watcher' AND NOT pid = ANY(%s)",
+            (dbname, keep),
         )
 
 
@@ -241,7 +257,8 @@ def test_read_only_database_degrades_holds_and_recovers(
     try:
         with admin(database_url) as conn:
             conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
-        terminate_watcher_backends(database_url)  # its sessions started writable
+        # its pooled sessions started writable; the write path (not a reconnect) meets it
+        terminate_pool_backends(database_url, keep=lock_holders(db_engine))
         append(good, user(session, "while read-only"))
 
         assert_running(proc, "degraded")
@@ -253,7 +270,10 @@ def test_read_only_database_degrades_holds_and_recovers(
             "the read-only error in the status",
             details=lambda: f"{status_of(proc)}\n{proc.log()}",
         )
+        stays_degraded(proc)
         assert source_row(db_engine, good).lines_committed == 4  # offsets held
+        wait_for(lambda: "transient write failure" in proc.log(), "a retry", details=proc.log)
+        assert "batch refused" not in proc.log()  # an outage, not bad lines: never narrowed
     finally:
         with admin(database_url) as conn:
             conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = off')
@@ -334,6 +354,10 @@ def test_disk_full_degrades_holds_and_recovers_when_space_returns(
             row = source_row(engine, good)
             assert row is None or row.committed_offset == 0  # offsets held
             append(good, user(session, "while full"))
+            stays_degraded(proc)
+            row = source_row(engine, good)
+            assert row is None or row.committed_offset == 0
+            assert "batch refused" not in proc.log()  # an outage, not bad lines
             assert proc.popen.poll() is None, proc.log()
 
             with own_pg_cluster.connect() as conn:
@@ -370,6 +394,46 @@ def test_lock_connection_killed_is_taken_again_without_exit(
     assert_running(proc, "healthy")
     second = watcher.start(ready=False, HEADSPACE_STATE_DIR=str(watcher.tmp / "state-b"))
     assert second.popen.wait(timeout=30) == 4, second.log()  # the lock really is held again
+    exactly_once(db_engine, watcher.root)
+    assert proc.stop() == 0
+
+
+def test_lock_taken_over_while_lost_is_waited_for_without_writing(
+    watcher: WatcherEnv, db_engine: Engine, database_url: str, exactly_once: Any
+) -> None:
+    """Another holder got the lock in the window after ours was lost: we write nothing,
+    stay up (degraded), and go on once it is free again."""
+    good, session = good_file(watcher)
+    proc = watcher.start()
+    wait_for(lambda: stored(db_engine, good, 4), "the first lines", details=proc.log)
+    key = f"headspace-watcher:{socket.gethostname()}:{os.path.realpath(watcher.root)}"
+    with admin(database_url) as probe:
+        dbname = make_url(database_url).database
+        other = psycopg.connect(
+            make_url(database_url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False),
+            autocommit=True,
+        )
+
+        def take_over() -> bool:
+            [holder] = wait_for(lambda: lock_holders(db_engine), "the lock")
+            probe.execute("SELECT pg_terminate_backend(%s)", (holder,))
+            row = other.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, key)
+            ).fetchone()
+            return bool(row and row[0])
+
+        try:
+            wait_for(take_over, f"the lock of {dbname} taken over", details=proc.log)
+            append(good, user(session, "while another holds the lock"))
+            assert_running(proc, "degraded")
+            stays_degraded(proc)
+            assert source_row(db_engine, good).lines_committed == 4  # nothing written
+        finally:
+            other.close()  # the other holder goes away
+    wait_for(lambda: stored(db_engine, good, 5), "ingest going on", details=proc.log)
+    assert_running(proc, "healthy")
     exactly_once(db_engine, watcher.root)
     assert proc.stop() == 0
 
