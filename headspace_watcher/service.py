@@ -564,7 +564,13 @@ class Service:
                 if len(new) >= PREFETCH_MAX:
                     break
         if len(new) > 1:
-            self.checkpoints.prefetch(new)
+            try:
+                self.checkpoints.prefetch(new)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                # one of them is refused: register them one by one instead (_track_or_hold)
+                log.warning("prefetch of new files refused", extra={"error": describe(exc)})
 
     def _wanted(self, path: str, ctx: FileContext) -> bool:
         if self.config.file_watcher["mode"] != "registered":
@@ -941,6 +947,7 @@ class Service:
             "lag_bytes": self.lag_bytes(),
             "sessions_watched": self.tracker.active_count,
             "files_watched": len(self.files),
+            "files_held": len(self.held),
             "lines_read": self.counters.lines,
             "turns": self.counters.turns,
             "skipped": self.counters.skipped,

@@ -8,7 +8,9 @@ Outages are real too: the server of ``own_pg_cluster`` is stopped, not simulated
 from __future__ import annotations
 
 import logging
+import os
 import random
+import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +29,7 @@ from headspace_watcher.retry import RetryPolicy
 from headspace_watcher.schemas import InvalidEvent
 from headspace_watcher.writer import (
     Batch,
+    BatchRefused,
     CheckpointConflict,
     EventWriter,
     SourceAdvance,
@@ -617,3 +620,69 @@ def test_connection_lost_after_new_references_retries_with_fresh_ids(
     )
     assert stored == [(PROJECT, SESSION)] * 3
     assert writer._project_ids == {PROJECT: scalar(engine, "SELECT id FROM projects")}
+
+
+# --------------------------------------------------------------------------- refusals narrowed
+
+
+def test_unindexable_project_and_agent_keys_store_the_lines_without_them(
+    engine: Engine, writer: EventWriter
+) -> None:
+    """A 20 KB cwd or session id is beyond the btree limit of projects.path / agents: the
+    batch is redone row by row, those events are stored without the reference."""
+    source = register(engine)
+    huge = "/" + secrets.token_hex(10_000)
+    events = [turn(i, source) for i in range(4)]
+    events[1].project_path = huge
+    events[2].agent_key = huge
+
+    result = writer.write_batch(batch_for(source, 0, events))
+
+    assert (result.written, result.rejected) == (4, 0)
+    refs = rows(engine, "SELECT source_offset, project_id, agent_id FROM events ORDER BY 1")
+    assert [(r.project_id is None, r.agent_id is None) for r in refs] == [
+        (False, False),
+        (True, False),
+        (False, True),
+        (False, False),
+    ]
+    assert scalar(engine, "SELECT count(*) FROM projects WHERE path = :p", p=huge) == 0
+    assert CheckpointStore(engine).load(source.path).committed_offset == 4 * LINE  # type: ignore[union-attr]
+    # the ids of the refused attempt were forgotten: the next batch works normally
+    nxt = [turn(i, source) for i in range(4, 6)]
+    assert writer.write_batch(batch_for(source, 4, nxt)).written == 2
+
+
+def test_rejection_with_an_unstorable_path_is_stored_escaped(
+    engine: Engine, writer: EventWriter
+) -> None:
+    name = os.fsdecode(b"/home/dev/.claude/projects/p/x\xff.jsonl")
+    source = CheckpointStore(engine).register(name, 77, 42)
+    bad = Rejection("invalid_json", b"{nope", name, 0, 5, SourcePosition(source.source_id, 0, 0, 0))
+
+    result = writer.write_batch(batch_for(source, 0, [], [bad]))
+
+    assert result.rejected == 1
+    [(path,)] = rows(engine, "SELECT source_path FROM rejected_events")
+    assert path == "/home/dev/.claude/projects/p/x\\xff.jsonl"
+    assert CheckpointStore(engine).load(name).path == name  # the exact name, from path_bytes
+
+
+def test_batch_refused_even_row_by_row_raises_batch_refused_storing_nothing(
+    engine: Engine, writer: EventWriter
+) -> None:
+    source = register(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON sources FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+
+    with pytest.raises(BatchRefused, match="P0001"):
+        writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(3)]))
+
+    assert scalar(engine, "SELECT count(*) FROM events") == 0
+    assert writer.metrics.failed_writes == 1
