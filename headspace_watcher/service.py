@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import select
 import signal
@@ -97,6 +98,7 @@ class _Held:
     retry_at: float
     failures: int
     size: int | None
+    due: bool = False  # its retry is under way: read it whatever its size
 
 
 @dataclass(slots=True)
@@ -297,7 +299,7 @@ class Service:
         next try to take it would fail against ourselves. The key is the tree's real path, so
         an alias through a symlink is the same tree.
         """
-        if self._lock_held(ping=False):
+        if self._lock_held():
             return
         self._drop_lock()
         pooled = self.engine.raw_connection()
@@ -326,28 +328,28 @@ class Service:
         real = os.path.realpath(self.config.projects_path)
         return f"headspace-watcher:{socket.gethostname()}:{real}"
 
-    def _lock_held(self, *, ping: bool) -> bool:
-        """Is the lock's session still ours? Without ``ping`` only a look at its socket (no
-        round trip): a terminated session has sent its FATAL message or closed."""
+    def _lock_held(self) -> bool:
+        """Is the lock's session still ours? A look at its socket, no round trip: a session
+        that was terminated or lost has sent its FATAL message or closed, so it is readable.
+        Only then a query tells (an idle session may also have sent a parameter update)."""
         conn = self._lock_conn
         if conn is None or conn.closed:
             return False
-        if not ping:
-            try:
-                readable, _, _ = select.select([conn.fileno()], [], [], 0)
-            except (OSError, ValueError, psycopg.Error):
-                return False
-            if not readable:
-                return True
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        except (OSError, ValueError, psycopg.Error):
+            return False
+        if not readable:
+            return True
         try:
             conn.execute("SELECT 1")
         except psycopg.Error:
             return False
         return True
 
-    def _check_lock(self, *, ping: bool) -> bool:
+    def _check_lock(self) -> bool:
         """False (and reconnect soon) when the lock's session was lost: re-taken then."""
-        if self._lock_held(ping=ping):
+        if self._lock_held():
             return True
         log.warning("single-instance lock lost (its connection ended); taking it again")
         self._drop_lock()
@@ -477,7 +479,7 @@ class Service:
                 self._drop_unmonitored()
                 self._discover(list(self.unwatched))
         if self.db_ready:
-            self._check_lock(ping=True)
+            self._check_lock()
         self._write_status()
         if self.db_ready:
             try:
@@ -524,6 +526,7 @@ class Service:
 
     def _file_deleted(self, path: str) -> None:
         self.dirty.pop(path, None)
+        self.held.pop(path, None)
         tf = self.files.pop(path, None)
         if tf is None or not self.db_ready:
             return
@@ -606,7 +609,7 @@ class Service:
             self._flush_deleted()
 
     def _build_and_write(self) -> bool:
-        if not self._check_lock(ping=False):
+        if not self._check_lock():
             return False
         isolating = self._isolate > 0
         try:
@@ -654,6 +657,9 @@ class Service:
         is held, with a durable record, and retried later or when it changes.
         """
         files = [tf for tf, _res in pending.files]
+        if not files:  # records of unreadable files only: they are made again on a change
+            log.error("records refused by the database", extra={"error": reason[:300]})
+            return
         if len(files) > 1 and not isolating:
             log.warning(
                 "batch refused by the database; retrying it file by file",
@@ -692,7 +698,7 @@ class Service:
     def _held_now(self, path: str) -> bool:
         """Still held: not due for a retry and unchanged since it was held."""
         held = self.held.get(path)
-        if held is None:
+        if held is None or held.due:
             return False
         try:
             size: int | None = os.stat(path).st_size
@@ -701,8 +707,11 @@ class Service:
         return self.monotonic() < held.retry_at and size == held.size
 
     def _retry_held(self, now: float) -> None:
+        """Due ones are read again, once: the attempt holds them again, or releases them."""
         for path, held in self.held.items():
             if now >= held.retry_at:
+                held.retry_at = math.inf  # once: a new hold sets the next retry
+                held.due = True
                 self.dirty[path] = None
 
     def _build_batch(self, one_file: bool = False) -> tuple[Batch, _Pending]:

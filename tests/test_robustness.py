@@ -238,8 +238,10 @@ def test_file_refused_even_line_by_line_is_held_and_others_flow(
 
     with db_engine.begin() as conn:
         conn.exec_driver_sql("DROP TRIGGER refuse_poison ON sources")
-    append(poison, user(poison_session, "now storable"))  # a change retries it at once
-    wait_for(lambda: stored(db_engine, poison, 3), "the held file, released", details=proc.log)
+    wait_for(lambda: stored(db_engine, poison, 2), "the held file, retried", details=proc.log)
+    append(poison, user(poison_session, "appended"))
+    wait_for(lambda: stored(db_engine, poison, 3), "its next line", details=proc.log)
+    assert "held file stored again" in proc.log()
     exactly_once(db_engine, watcher.root, files=[str(good), str(poison)])
     assert proc.stop() == 0
 
