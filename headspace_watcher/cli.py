@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a clear one-line error, never a traceback with secrets
         from headspace_watcher.config import redact_text
-        from headspace_watcher.store.rows import describe
+        from headspace_watcher.store.retry import describe
 
         # a driver's error text can quote the conninfo, password included
         message = redact_text(describe(exc))

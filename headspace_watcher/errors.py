@@ -29,6 +29,11 @@ class AnotherInstance(HeadspaceError):
     """Another headspace-watcher already holds what this one needs (lock, state dir)."""
 
 
+class StreamRefused(HeadspaceError):
+    """The store refuses a stream's checkpoint row for good (e.g. a path beyond an index's
+    limit): the stream is held, every other one goes on."""
+
+
 class StoreError(HeadspaceError):
     """The store could not do what it was asked."""
 
@@ -39,6 +44,10 @@ class WriteFailed(StoreError):
 
 class WriteAborted(StoreError):
     """The caller asked to stop (shutdown) while retrying; nothing of the batch was stored."""
+
+
+class BatchRefused(StoreError):
+    """A non-transient error remained even line by line; nothing of the batch was stored."""
 
 
 class CheckpointConflict(StoreError):

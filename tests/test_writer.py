@@ -7,7 +7,9 @@ Outages are real too: the server of ``own_pg_cluster`` is stopped, not simulated
 
 from __future__ import annotations
 
+import os
 import random
+import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +20,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 from watcher_helpers import wait_for
 
-from headspace_watcher.errors import CheckpointConflict, WriteAborted, WriteFailed
+from headspace_watcher.errors import BatchRefused, CheckpointConflict, WriteAborted, WriteFailed
 from headspace_watcher.records import (
     Batch,
     Event,
@@ -192,7 +194,7 @@ def test_batch_failing_after_insert_stores_nothing(
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(checkpoints, "advance", broken_advance)
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(BatchRefused, match="disk on fire"):  # careful mode failed too
         writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(5)]))
 
     assert scalar(engine, "SELECT count(*) FROM events") == 0
@@ -519,3 +521,69 @@ def test_connection_lost_after_new_references_retries_with_fresh_ids(
     )
     assert stored == [(PROJECT, SESSION)] * 3
     assert writer.references.project_id(PROJECT) == scalar(engine, "SELECT id FROM projects")
+
+
+# --------------------------------------------------------------------------- refusals narrowed
+
+
+def test_unindexable_project_and_agent_keys_store_the_lines_without_them(
+    engine: Engine, writer: BatchWriter
+) -> None:
+    """A 20 KB cwd or session id is beyond the btree limit of projects.path / agents: the
+    batch is redone row by row, those events are stored without the reference."""
+    source = register(engine)
+    huge = "/" + secrets.token_hex(10_000)
+    events = [turn(i, source) for i in range(4)]
+    events[1].project_path = huge
+    events[2].agent_key = huge
+
+    result = writer.write_batch(batch_for(source, 0, events))
+
+    assert (result.written, result.rejected) == (4, 0)
+    refs = rows(engine, "SELECT source_offset, project_id, agent_id FROM events ORDER BY 1")
+    assert [(r.project_id is None, r.agent_id is None) for r in refs] == [
+        (False, False),
+        (True, False),
+        (False, True),
+        (False, False),
+    ]
+    assert scalar(engine, "SELECT count(*) FROM projects WHERE path = :p", p=huge) == 0
+    assert CheckpointStore(engine).load(source.path).committed_offset == 4 * LINE  # type: ignore[union-attr]
+    # the ids of the refused attempt were forgotten: the next batch works normally
+    nxt = [turn(i, source) for i in range(4, 6)]
+    assert writer.write_batch(batch_for(source, 4, nxt)).written == 2
+
+
+def test_rejection_with_an_unstorable_path_is_stored_escaped(
+    engine: Engine, writer: BatchWriter
+) -> None:
+    name = os.fsdecode(b"/home/dev/.claude/projects/p/x\xff.jsonl")
+    source = CheckpointStore(engine).register(name, 77, 42)
+    bad = Rejection("invalid_json", b"{nope", name, 0, 5, SourcePosition(source.source_id, 0, 0, 0))
+
+    result = writer.write_batch(batch_for(source, 0, [], [bad]))
+
+    assert result.rejected == 1
+    [(path,)] = rows(engine, "SELECT source_path FROM rejected_events")
+    assert path == "/home/dev/.claude/projects/p/x\\xff.jsonl"
+    assert CheckpointStore(engine).load(name).path == name  # the exact name, from path_bytes
+
+
+def test_batch_refused_even_row_by_row_raises_batch_refused_storing_nothing(
+    engine: Engine, writer: BatchWriter
+) -> None:
+    source = register(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON sources FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+
+    with pytest.raises(BatchRefused, match="P0001"):
+        writer.write_batch(batch_for(source, 0, [turn(i, source) for i in range(3)]))
+
+    assert scalar(engine, "SELECT count(*) FROM events") == 0
+    assert writer.metrics.failed_writes == 1

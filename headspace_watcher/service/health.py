@@ -9,6 +9,7 @@ watcher, and does the database answer now.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from headspace_watcher.config import Config, mask_url, redact_text
+from headspace_watcher.errors import AnotherInstance
 from headspace_watcher.store import Store
 
 log = logging.getLogger(__name__)
 
 PID_FILE = "headspace-watcher.pid"
+LOCK_FILE = "headspace-watcher.lock"
 STATUS_FILE = "status.json"
 EXIT_HEALTHY, EXIT_DEGRADED, EXIT_STOPPED = 0, 1, 3
 
@@ -38,6 +41,32 @@ def status_path(state_dir: Path) -> Path:
 
 def watcher_id(config: Config) -> str:
     return f"{socket.gethostname()}:{config.projects_path}"
+
+
+class InstanceLocked(AnotherInstance):
+    """Another live service holds this state dir (its pid and status files are its own)."""
+
+
+def lock_instance(state_dir: Path) -> int:
+    """Hold this state dir for the process's life (an exclusive ``flock``); return its fd.
+
+    The kernel drops the lock when the process dies, however it dies, so a stale lock
+    cannot outlive its owner; a second instance learns at once that the pid and status
+    files are not its to write or remove.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = read_pid(state_dir)
+        raise InstanceLocked(
+            f"another headspace-watcher already watches from state dir {state_dir} "
+            f"(pid {pid if pid is not None else 'unknown'}); give this one its own "
+            "HEADSPACE_STATE_DIR"
+        ) from None
+    return fd
 
 
 def write_pid(state_dir: Path, pid: int | None = None) -> None:

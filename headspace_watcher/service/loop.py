@@ -22,10 +22,16 @@ from typing import Any
 
 from headspace_watcher import __version__
 from headspace_watcher.config import Config, mask_url, redact_text
-from headspace_watcher.errors import AnotherInstance, CheckpointConflict, WriteAborted, WriteFailed
+from headspace_watcher.errors import (
+    AnotherInstance,
+    BatchRefused,
+    CheckpointConflict,
+    WriteAborted,
+    WriteFailed,
+)
 from headspace_watcher.ingest.derive import Deriving
 from headspace_watcher.ingest.sessions import SessionTracker
-from headspace_watcher.records import Batch, Chunk, FileContext
+from headspace_watcher.records import Batch, Chunk, FileContext, Rejection
 from headspace_watcher.service import health
 from headspace_watcher.service.lifecycle import (
     ShutdownDeadline,
@@ -44,6 +50,7 @@ EXIT_OK, EXIT_FAILED, EXIT_LOCKED = 0, 1, 4
 RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 TRIM_AFTER_BYTES = 1 << 20  # ingested since the last release_free_memory()
 STATUS_EVERY_S = 1.0
+_MAX_END_ROUNDS = 1000  # 500 sessions each: a bound, never reached by a real tree
 
 
 def _utcnow() -> datetime:
@@ -83,11 +90,14 @@ class Service:
             self.store.checkpoints,
             ReadLimits(fw["max_line_bytes"], fw["read_chunk_bytes"]),
             wanted=self._monitored if registered else None,
+            monotonic=monotonic,
         )
         self.sources: list[Source] = [self.transcripts]
         self.signals = StopSignals(es["shutdown_timeout_seconds"])
+        # the tree's real path: an alias through a symlink is the same tree
+        real_root = os.path.realpath(config.projects_path)
         self.lock = self.store.lock(
-            f"headspace-watcher:{socket.gethostname()}:{config.projects_path}",
+            f"headspace-watcher:{socket.gethostname()}:{real_root}",
             f"watches {config.projects_path} on {socket.gethostname()} with this database",
         )
         self.started_at = clock()
@@ -96,7 +106,8 @@ class Service:
         self.db_failures = 0
         self.db_retry_at = 0.0
         self.last_error: str | None = None
-        self._refused = False  # another watcher holds the lock: leave its pid/status files
+        self._instance_fd: int | None = None  # flock on the state dir: its files are ours
+        self._isolate = 0  # batches still to build from one stream each (after a refusal)
         self._next_beat = 0.0
         self._next_rescan = 0.0
         self._next_status = 0.0
@@ -110,9 +121,10 @@ class Service:
     # ================================================================== lifecycle
     def run(self, once: bool = False, early_signal: list[int] | None = None) -> int:
         self.signals.install(early_signal)
-        previous_pid = health.read_pid(self.config.state_dir)
-        health.write_pid(self.config.state_dir)
         try:
+            # before touching the state dir: its pid and status files may be a live one's
+            self._instance_fd = health.lock_instance(self.config.state_dir)
+            health.write_pid(self.config.state_dir)
             self._log_ready()
             self.transcripts.start()
             self._connect()
@@ -122,15 +134,12 @@ class Service:
             return EXIT_OK
         except AnotherInstance as exc:
             log.error("refusing to start: %s", exc)
-            self._refused = True
             return EXIT_LOCKED
         except ShutdownDeadline:
             log.warning("shutdown deadline reached; uncommitted batch rolled back (will re-read)")
             return EXIT_OK
         finally:
             self._close()
-            if self._refused and previous_pid and health.read_pid(self.config.state_dir) is None:
-                health.write_pid(self.config.state_dir, previous_pid)  # the running one's
 
     def _log_ready(self) -> None:
         log.info(
@@ -146,7 +155,7 @@ class Service:
     def _close(self) -> None:
         self.signals.close()
         self.state = "stopped"
-        if not self._refused:
+        if self._instance_fd is not None:
             with contextlib.suppress(Exception):
                 self._write_status()
         self.lock.release()
@@ -154,7 +163,10 @@ class Service:
             self.store.close()
         for source in self.sources:
             source.close()
-        health.remove_pid(self.config.state_dir)
+        if self._instance_fd is not None:  # last: the files above are ours until here
+            health.remove_pid(self.config.state_dir)
+            os.close(self._instance_fd)
+            self._instance_fd = None
         log.info(
             "headspace-watcher stopped", extra={"events_written": self.store.metrics.events_written}
         )
@@ -171,8 +183,11 @@ class Service:
             states = self.store.checkpoints.load_all()
             for source in self.sources:
                 source.reload(states)
-        except AnotherInstance:
-            raise
+        except AnotherInstance as exc:
+            if not self.lock.ever_held:
+                raise  # at start-up: refuse, the other one is the service
+            self._lock_taken_over(exc)
+            return False
         except Exception as exc:
             self._db_failed(exc)
             return False
@@ -191,8 +206,32 @@ class Service:
         self.transcripts.mark_all_pending()
         return True
 
-    def _db_failed(self, exc: BaseException) -> None:
+    def _check_lock(self) -> bool:
+        """False (and reconnect soon) when the lock's session was lost: re-taken then."""
+        if self.lock.held():
+            return True
+        log.warning("single-instance lock lost (its connection ended); taking it again")
+        self.lock.release()
         self.db_ready = False
+        self.db_retry_at = 0.0
+        return False
+
+    def _lock_taken_over(self, exc: AnotherInstance) -> None:
+        """Another watcher took the lock while ours was lost: write nothing, wait for it."""
+        if self.last_error != str(exc):
+            log.error("single-instance lock held by another watcher; not writing, waiting")
+        self.db_ready = False
+        self.db_failures += 1
+        self.last_error = str(exc)
+        self.db_retry_at = self.monotonic() + self.retry.capped(self.db_failures)
+        self.state = "degraded"
+        self._write_status()
+
+    def _db_failed(self, exc: BaseException) -> None:
+        """Degraded: hold every offset, retry on a capped backoff, on fresh connections
+        (a session keeps what it started with, e.g. a database since set read-only)."""
+        self.db_ready = False
+        self.store.reset_connections()
         self.db_failures += 1
         first = str(exc).splitlines()[0] if str(exc) else ""
         # a driver's message can quote the conninfo, password included
@@ -246,6 +285,8 @@ class Service:
             else:
                 self._end_due_sessions()
             self._maybe_rescan(now)
+            for source in self.sources:
+                source.retry_held(now)
             self._maybe_beat(now)
 
     def _pending(self) -> bool:
@@ -263,6 +304,9 @@ class Service:
             waits.append((deadline - self.clock()).total_seconds())
         if self.transcripts.watch_limit_reached:
             waits.append(self._next_rescan - now)
+        retries = [r for s in self.sources if (r := s.next_held_retry()) is not None]
+        if retries and self.db_ready:
+            waits.append(min(retries) - now)
         return max(0.0, min(waits))
 
     def _wait(self, timeout: float) -> None:
@@ -282,7 +326,10 @@ class Service:
     # ================================================================== ingest
     def _step(self) -> bool:
         """Read one bounded batch from the sources and write it. False if the DB failed."""
-        budget = Budget(self.batch_lines, self.batch_bytes)
+        if not self._check_lock():
+            return False
+        isolating = self._isolate > 0
+        budget = Budget(self.batch_lines, self.batch_bytes, 1 if isolating else None)
         try:
             chunks = [c for source in self.sources for c in source.read(budget)]
         except Exception as exc:  # database errors while registering streams
@@ -291,9 +338,15 @@ class Service:
         self._end_closed_sessions()
         if not chunks:
             return True
+        if isolating:
+            self._isolate -= 1
         batch = self.deriving.batch(chunks)
         try:
             result = self.store.write_batch(batch, should_abort=lambda: self.stopping)
+        except BatchRefused as exc:
+            self._rolled_back(chunks)
+            self._refused_batch(chunks, str(exc), isolating)
+            return True
         except CheckpointConflict as exc:
             return self._conflict(chunks, exc)
         except Exception as exc:
@@ -321,6 +374,41 @@ class Service:
         self.tracker.rollback()
         for source in self.sources:
             source.rolled_back(chunks)
+
+    def _refused_batch(self, chunks: list[Chunk], reason: str, isolating: bool) -> None:
+        """A batch PostgreSQL refused even line by line: find its stream, hold it, go on.
+
+        Several streams: the next batches take one stream each, so the others are stored
+        and only the culprit's own batch fails again. One stream (or while isolating): that
+        stream is held, with a durable record, and retried later or when it changes.
+        """
+        paths = sorted({c.path for c in chunks if c.failure is None})
+        if not paths:  # records of unreadable files only: they are made again on a change
+            log.error("records refused by the database", extra={"error": reason[:300]})
+            return
+        if len(paths) > 1 and not isolating:
+            log.warning(
+                "batch refused by the database; retrying it stream by stream",
+                extra={"files": len(paths), "error": reason[:300]},
+            )
+            self._isolate = len(paths)
+            return
+        for path in paths:
+            for source in self.sources:
+                if source.hold(path, reason, self._held_delay):
+                    self._record_held(path, reason)
+
+    def _held_delay(self, failures: int) -> float:
+        return self.retry.capped(failures) * 2**failures
+
+    def _record_held(self, path: str, reason: str) -> None:
+        """One dead-letter row about the file (no stream position: its lines are all stored
+        once it is released, so this must not count as a line's rejection)."""
+        record = Rejection(f"file_held: {reason}", b"", path, None, 0, None)
+        try:
+            self.store.write_batch(Batch(rejections=[record]))
+        except Exception as exc:
+            log.error("cannot record the held file", extra={"path": path, "error": str(exc)[:300]})
 
     def _conflict(self, chunks: list[Chunk], exc: CheckpointConflict) -> bool:
         log.warning("checkpoint moved under us; reloading", extra={"error": str(exc)})
@@ -355,10 +443,14 @@ class Service:
             self._end_sessions(ends)
 
     def _end_due_sessions(self) -> bool:
-        due = self.tracker.due(self.clock())
-        if not due:
-            return True
-        return self._end_sessions([(s, "timeout", at) for s, at in due[:500]])
+        """Every session past its inactivity deadline, 500 to a transaction."""
+        for _ in range(_MAX_END_ROUNDS):
+            due = self.tracker.due(self.clock())
+            if not due or self.stopping:
+                return True
+            if not self._end_sessions([(s, "timeout", at) for s, at in due[:500]]):
+                return False
+        return True
 
     def _end_sessions(self, ends: list[tuple[str, str, datetime]]) -> bool:
         batch = Batch()
@@ -372,6 +464,12 @@ class Service:
             self.tracker.rollback()
             self._db_failed(exc)
             return False
+        except BatchRefused as exc:  # not retried: the next load decides again
+            self.tracker.rollback()
+            log.error("cannot end sessions", extra={"error": str(exc)[:300]})
+            for session, _reason, _at in ends:
+                self.tracker.forget(session)
+            return True
         self.tracker.commit()
         if result.lost:
             self.tracker.load(self.store.load_sessions())
@@ -388,6 +486,8 @@ class Service:
             with contextlib.suppress(Exception):
                 self.tracker.load(self.store.load_sessions())
                 self.transcripts.refilter()
+        if self.db_ready:
+            self._check_lock()
         self._write_status()
         if self.db_ready:
             try:
@@ -429,6 +529,7 @@ class Service:
             "lag_bytes": sum(s.lag_bytes() for s in self.sources),
             "sessions_watched": self.tracker.active_count,
             "files_watched": len(self.transcripts.files),
+            "files_held": len(self.transcripts.held),
             "lines_read": c.lines,
             "turns": c.turns,
             "skipped": c.skipped,

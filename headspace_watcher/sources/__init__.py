@@ -24,6 +24,8 @@ sources through this contract and nothing else:
    hands in (``store.checkpoints.CheckpointStore`` implements it); sources import nothing
    from the store.
 
+``hold(path, reason, delay_for)`` sets a stream aside whose records the store refuses even
+one by one (retried after a capped backoff or when it changes; every other stream goes on).
 ``closed_sessions()`` names the sessions whose stream disappeared (the loop ends them),
 ``reload(states)`` adopts checkpoints re-read from the store (after a reconnect or a
 conflict), and ``lag_bytes()`` counts complete-record bytes not yet committed (``status``).
@@ -31,27 +33,32 @@ conflict), and ``lag_bytes()`` counts complete-record bytes not yet committed (`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from headspace_watcher.records import Chunk, StreamState
 
 
 class Budget:
-    """How much one batch may still take: lines and bytes, shared by every source."""
+    """How much one batch may still take: lines, bytes and (when isolating a refused batch)
+    streams, shared by every source."""
 
-    __slots__ = ("bytes", "lines")
+    __slots__ = ("bytes", "lines", "streams")
 
-    def __init__(self, lines: int, nbytes: int) -> None:
+    def __init__(self, lines: int, nbytes: int, streams: int | None = None) -> None:
         self.lines = lines
         self.bytes = nbytes
+        self.streams = streams
 
     def spend(self, chunk: Chunk) -> None:
         self.lines -= chunk.count
         self.bytes -= chunk.nbytes
+        if self.streams is not None:
+            self.streams -= 1
 
     @property
     def exhausted(self) -> bool:
-        return self.lines <= 0 or self.bytes <= 0
+        return self.lines <= 0 or self.bytes <= 0 or self.streams == 0
 
 
 class Checkpoints(Protocol):
@@ -88,6 +95,12 @@ class Source(Protocol):
     def committed(self, chunks: list[Chunk]) -> None: ...
 
     def rolled_back(self, chunks: list[Chunk]) -> None: ...
+
+    def hold(self, path: str, reason: str, delay_for: Callable[[int], float]) -> bool: ...
+
+    def retry_held(self, now: float) -> None: ...
+
+    def next_held_retry(self) -> float | None: ...
 
     def closed_sessions(self) -> list[str]: ...
 

@@ -301,3 +301,26 @@ def first_session_id(path: str, root: str) -> str | None:
     except (OSError, AttributeError):
         return None
     return None
+
+
+def complete_end(path: str, start: int, size: int, root: str) -> int:
+    """Where the last complete line of the first ``size`` bytes ends (after its newline),
+    not before ``start``: scanned backwards in blocks, so a status reading costs the
+    trailing partial line only."""
+    block = 64 * 1024
+    try:
+        fd = open_in_tree(path, root)
+    except OSError:
+        return start
+    try:
+        end = size
+        while end > start:
+            begin = max(start, end - block)
+            data = os.pread(fd, end - begin, begin)
+            at = data.rfind(b"\n")
+            if at >= 0:
+                return begin + at + 1
+            end = begin
+        return start
+    finally:
+        os.close(fd)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from headspace_watcher.errors import StreamRefused
 from headspace_watcher.records import Chunk, FileContext, StreamState
 from headspace_watcher.sources import Budget, Checkpoints
 from headspace_watcher.sources.layout import file_context
@@ -25,6 +28,7 @@ from headspace_watcher.sources.reader import (
     OutsideTree,
     PartialScan,
     ReadResult,
+    complete_end,
     content_matches,
     identity,
     read_lines,
@@ -34,6 +38,7 @@ from headspace_watcher.sources.tree import TreeWatcher
 log = logging.getLogger(__name__)
 
 KIND = "transcript"
+HELD_RETRY_MAX_S = 300.0
 OUTSIDE_TREE_REASON = "outside_tree: symlink or path outside the projects root; not read"
 PREFETCH_MAX = 1000
 
@@ -47,6 +52,20 @@ class TrackedFile:
     partial: int = 0  # bytes after the last complete line at the last read
     scan: PartialScan | None = None  # how far that trailing line was scanned (go on from there)
     error: str | None = None
+    lag_at: tuple[int, int] = (-1, -1)  # (size, checkpoint) that lag_end was measured at
+    lag_end: int = 0
+
+
+@dataclass(slots=True)
+class Held:
+    """A file whose records the store refused even one by one: skipped until it changes or
+    ``retry_at`` passes."""
+
+    reason: str
+    retry_at: float
+    failures: int
+    size: int | None
+    due: bool = False  # its retry is under way: read it whatever its size
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +86,7 @@ class TranscriptSource:
         limits: ReadLimits,
         *,
         wanted: Callable[[str, FileContext], bool] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
         self.checkpoints = checkpoints
@@ -79,6 +99,8 @@ class TranscriptSource:
         self.unwatched: set[str] = set()  # registered mode: files of sessions not monitored
         self._deleted: list[str] = []
         self._closed: list[str] = []
+        self._monotonic = monotonic
+        self.held: dict[str, Held] = {}
 
     # ------------------------------------------------------------------ what is new
     def start(self) -> None:
@@ -129,6 +151,9 @@ class TranscriptSource:
         for path in list(self.dirty):
             if budget.exhausted:
                 break
+            if self._held_now(path):
+                self.dirty.pop(path, None)
+                continue
             chunk = self._read_file(path, budget)
             if chunk is not None:
                 chunks.append(chunk)
@@ -145,6 +170,11 @@ class TranscriptSource:
                 self.dirty.pop(path, None)
                 return None
             res = self._read(tf, budget)
+        except StreamRefused as exc:  # its checkpoint row: refused for good
+            self.dirty.pop(path, None)
+            if not self.hold(path, str(exc), _default_delay):
+                return None
+            return Chunk(KIND, path, None, 0, 0, failure=f"file_held: {exc}")
         except FileNotFoundError:
             self.dirty.pop(path, None)
             self._deleted.append(path)
@@ -276,6 +306,8 @@ class TranscriptSource:
     # ------------------------------------------------------------------ after the store
     def committed(self, chunks: list[Chunk]) -> None:
         for c in chunks:
+            if c.failure is None and self.held.pop(c.path, None) is not None:
+                log.info("held file stored again", extra={"path": c.path})
             if c.failure is None and c.state is not None:
                 c.state.committed_offset = c.end
                 c.state.fingerprint = c.fingerprint
@@ -284,8 +316,10 @@ class TranscriptSource:
     def rolled_back(self, chunks: list[Chunk]) -> None:
         for c in chunks:
             tf = self.files.get(c.path)
-            if tf is not None and c.failure is not None:
-                tf.error = None  # not recorded after all: record it next time
+            if c.failure is not None:  # not recorded after all: record it next time
+                if tf is not None:
+                    tf.error = None
+                self.held.pop(c.path, None)
             self.dirty[c.path] = None
 
     def reload(self, states: dict[str, StreamState]) -> None:
@@ -301,9 +335,45 @@ class TranscriptSource:
             if fresh is not None and tf is not None:
                 tf.source = fresh
 
+    # ------------------------------------------------------------------ held files
+    def hold(self, path: str, reason: str, delay_for: Callable[[int], float]) -> bool:
+        """Skip ``path`` until it changes or a capped backoff passes; True when the reason
+        is new (the caller records it once)."""
+        self.dirty.pop(path, None)
+        previous = self.held.get(path)
+        failures = previous.failures + 1 if previous else 1
+        delay = min(HELD_RETRY_MAX_S, delay_for(failures))
+        self.held[path] = Held(reason, self._monotonic() + delay, failures, _size(path))
+        if previous is not None and previous.reason == reason:
+            return False
+        log.error(
+            "file held: the database refuses its lines; other files go on",
+            extra={"path": path, "error": reason[:300], "retry_in_s": round(delay, 1)},
+        )
+        return True
+
+    def _held_now(self, path: str) -> bool:
+        """Still held: not due for a retry and unchanged since it was held."""
+        held = self.held.get(path)
+        if held is None or held.due:
+            return False
+        return self._monotonic() < held.retry_at and _size(path) == held.size
+
+    def retry_held(self, now: float) -> None:
+        """Due ones are read again, once: the attempt holds them again, or releases them."""
+        for path, held in self.held.items():
+            if now >= held.retry_at:
+                held.retry_at = math.inf  # once: a new hold sets the next retry
+                held.due = True
+                self.dirty[path] = None
+
+    def next_held_retry(self) -> float | None:
+        return min((h.retry_at for h in self.held.values()), default=None)
+
     # ------------------------------------------------------------------ deletions
     def _file_deleted(self, path: str) -> None:
         self.dirty.pop(path, None)
+        self.held.pop(path, None)
         tf = self.files.pop(path, None)
         if tf is None:
             return
@@ -320,12 +390,23 @@ class TranscriptSource:
     def lag_bytes(self) -> int:
         lag = 0
         for tf in self.files.values():
+            if tf.error is not None or tf.path in self.held:
+                continue  # not readable now: its bytes are not lag the service can work off
             try:
-                size = os.stat(tf.path).st_size
+                size = os.lstat(tf.path).st_size
             except OSError:
                 continue
-            partial = tf.partial if size == tf.size else 0
-            lag += max(0, size - tf.source.committed_offset - partial)
+            start = tf.source.committed_offset
+            if size == tf.size:
+                end = size - tf.partial
+            else:  # grown since the last read (e.g. while the database is down)
+                if tf.lag_at != (size, start):
+                    tf.lag_at, tf.lag_end = (
+                        (size, start),
+                        complete_end(tf.path, start, size, self._root),
+                    )
+                end = tf.lag_end
+            lag += max(0, end - start)
         return lag
 
     @property
@@ -338,3 +419,15 @@ class TranscriptSource:
 
     def close(self) -> None:
         self.watcher.close()
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return None
+
+
+def _default_delay(failures: int) -> float:
+    """Held for its checkpoint row: retried after 2, 4, 8 … s (capped)."""
+    return float(2**failures)

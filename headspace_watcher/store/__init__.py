@@ -113,6 +113,12 @@ class Store:
 
     _owns_engine = True
 
+    def reset_connections(self) -> None:
+        """Drop pooled connections: after a failure, the next ones start afresh (a session
+        keeps what it started with, e.g. a database since set read-only)."""
+        with contextlib.suppress(Exception):
+            self.engine.dispose()
+
     def close(self) -> None:
         if self._owns_engine:
             self.engine.dispose()

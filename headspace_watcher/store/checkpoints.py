@@ -8,12 +8,41 @@ content under the same path). It is what a source is handed to learn its positio
 
 from __future__ import annotations
 
+import logging
+import os
+
 from sqlalchemy import Connection, Engine, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from headspace_watcher.errors import CheckpointConflict
+from headspace_watcher.errors import CheckpointConflict, StreamRefused
 from headspace_watcher.records import SourceAdvance, StreamState
+from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.schema import sources
+
+log = logging.getLogger(__name__)
+
+
+def path_bytes(path: str) -> bytes | None:
+    """The name's raw bytes when it is not UTF-8 (it came from the filesystem with
+    surrogate escapes, which PostgreSQL text cannot hold), else None."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(path)
+        except UnicodeEncodeError:  # a lone surrogate not from the filesystem
+            return path.encode("utf-8", "surrogatepass")
+    return None
+
+
+def storable_path(path: str) -> str:
+    """``path`` as PostgreSQL text: unchanged when UTF-8, else its bad bytes as ``\\xNN``.
+
+    Not reversible on its own (a name may contain a literal ``\\xff``): the exact name is
+    kept in ``sources.path_bytes``.
+    """
+    raw = path_bytes(path)
+    return path if raw is None else raw.decode("utf-8", "backslashreplace")
 
 
 def check_guard(conn: Connection, advances: list[SourceAdvance]) -> None:
@@ -68,9 +97,10 @@ def advance(conn: Connection, advances: list[SourceAdvance]) -> None:
 
 def _state(row: object) -> StreamState:
     m = row._mapping  # type: ignore[attr-defined]
+    raw = m.get("path_bytes")
     return StreamState(
         source_id=m["id"],
-        path=m["path"],
+        path=os.fsdecode(bytes(raw)) if raw is not None else m["path"],
         inode=m["inode"],
         device=m["device"],
         generation=m["generation"],
@@ -97,23 +127,36 @@ class CheckpointStore:
 
     def load(self, path: str) -> StreamState | None:
         with self._engine.connect() as conn:
-            row = conn.execute(select(sources).where(sources.c.path == path)).first()
+            row = conn.execute(select(sources).where(sources.c.path == storable_path(path))).first()
         return _state(row) if row else None
 
     def register(self, path: str, inode: int, device: int) -> StreamState:
-        """The source row for ``path``, created at offset 0 when new (or from ``prefetch``)."""
+        """The source row for ``path``, created at offset 0 when new (or from ``prefetch``).
+
+        Raises StreamRefused when PostgreSQL refuses the row for good (its path beyond the
+        unique index's limit): that stream is held, the others go on.
+        """
         state = self._prefetched.pop(path, None)
         if state is not None and (state.inode, state.device) == (inode, device):
             return state
+        try:
+            return self._register(path, inode, device)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            raise StreamRefused(describe(exc)) from exc
+
+    def _register(self, path: str, inode: int, device: int) -> StreamState:
+        stored = storable_path(path)
         with self._engine.begin() as conn:
             row = conn.execute(
                 pg_insert(sources)
-                .values(path=path, inode=inode, device=device)
+                .values(path=stored, path_bytes=path_bytes(path), inode=inode, device=device)
                 .on_conflict_do_nothing(index_elements=["path"])
                 .returning(*sources.c)
             ).first()
             if row is None:
-                row = conn.execute(select(sources).where(sources.c.path == path)).one()
+                row = conn.execute(select(sources).where(sources.c.path == stored)).one()
         return _state(row)
 
     def prefetched(self, path: str) -> bool:
@@ -131,14 +174,33 @@ class CheckpointStore:
         todo = [f for f in files if f[0] not in self._prefetched][:PREFETCH_MAX]
         if not todo:
             return
+        try:
+            self._prefetch(todo)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # one of them is refused: ``register`` then takes them one by one (and holds it)
+            log.warning("prefetch of new files refused", extra={"error": describe(exc)})
+
+    def _prefetch(self, todo: list[tuple[str, int, int]]) -> None:
         with self._engine.begin() as conn:
             conn.execute(
                 pg_insert(sources)
-                .values([{"path": p, "inode": i, "device": d} for p, i, d in todo])
+                .values(
+                    [
+                        {
+                            "path": storable_path(p),
+                            "path_bytes": path_bytes(p),
+                            "inode": i,
+                            "device": d,
+                        }
+                        for p, i, d in todo
+                    ]
+                )
                 .on_conflict_do_nothing(index_elements=["path"])
             )
             rows = conn.execute(
-                select(sources).where(sources.c.path.in_([p for p, _i, _d in todo]))
+                select(sources).where(sources.c.path.in_([storable_path(p) for p, _i, _d in todo]))
             ).all()
         for row in rows:
             state = _state(row)

@@ -63,11 +63,7 @@ def _is_pre_migration(conn: Connection) -> bool:
     """True for a database made before migrations (by ``create_all``: all baseline tables,
     ``headspace_schema`` version 1), False for one without our tables; anything else is
     refused rather than guessed at."""
-    found = conn.execute(
-        text("SELECT t FROM unnest(CAST(:tables AS text[])) AS t WHERE to_regclass(t) IS NOT NULL"),
-        {"tables": sorted(migrations.BASELINE_TABLES)},
-    ).scalars()
-    present = set(found)
+    present = migrations.existing_tables(conn, sorted(migrations.BASELINE_TABLES))
     if not present:
         return False
     if schema_info.name not in present:

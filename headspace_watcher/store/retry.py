@@ -14,8 +14,10 @@ import psycopg
 from sqlalchemy import exc as sa_exc
 
 # SQLSTATE classes/codes worth retrying: connection exceptions, serialization failure,
-# deadlock, server shutting down / restarting, insufficient resources, lock timeouts.
-_TRANSIENT_CODES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "57014"}
+# deadlock, server shutting down / restarting, insufficient resources (class 53: disk full,
+# out of memory, too many connections), lock timeouts, and a database set read-only
+# (25006: an operator's or a failover's doing, undone the same way; the rows are fine).
+_TRANSIENT_CODES = {"25006", "40001", "40P01", "55P03", "57P01", "57P02", "57P03", "57014"}
 _TRANSIENT_CLASSES = ("08", "53", "58")
 
 
@@ -60,3 +62,13 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(
         error, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError | OSError
     )
+
+
+def describe(error: BaseException) -> str:
+    """SQLSTATE, error class and the message's first line: what a log line or a rejection's
+    reason may show (never the statement or its parameters, which hold transcript text)."""
+    orig = getattr(error, "orig", None) or error
+    first = str(orig).strip().splitlines()
+    code = sqlstate(error)
+    prefix = f"{code} " if code else ""
+    return f"{prefix}{type(orig).__name__}: {first[0] if first else ''}"[:500]

@@ -19,18 +19,22 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import psycopg
 from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from headspace_watcher.errors import InvalidEvent
 from headspace_watcher.records import Event, Rejection, SourcePosition
-from headspace_watcher.store.retry import is_transient
+from headspace_watcher.store.checkpoints import storable_path
+from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.schema import events, rejected_events
 from headspace_watcher.taxonomy import REGISTRY, validate_payload
 
 log = logging.getLogger(__name__)
 
+# what PostgreSQL or the driver may refuse for a row's own values (ValueError: encoding)
+REFUSABLE = (sa_exc.StatementError, psycopg.Error, ValueError)
 RAW_TEXT_CAP = 64 * 1024
 EVENT_COLUMNS = (
     "timestamp",
@@ -216,7 +220,7 @@ def insert_careful(conn: Connection, evts: Iterable[Event]) -> tuple[Outcomes, l
         try:
             with conn.begin_nested():
                 new_id = conn.execute(stmt).scalar()
-        except sa_exc.DBAPIError as exc:
+        except REFUSABLE as exc:
             if is_transient(exc):
                 raise
             rejections.append(poison_rejection(e, exc))
@@ -256,11 +260,30 @@ def insert_rejections(conn: Connection, rejections: list[Rejection]) -> int:
     return len(stored)
 
 
+def insert_rejections_careful(conn: Connection, rejections: list[Rejection]) -> int:
+    """Each rejection alone; one still refused is stored without its raw text."""
+    stored = 0
+    for r in rejections:
+        try:
+            with conn.begin_nested():
+                stored += insert_rejections(conn, [r])
+            continue
+        except REFUSABLE as exc:
+            if is_transient(exc):
+                raise
+            reason = f"{r.reason} (raw text refused: {describe(exc)})"
+        bare = Rejection(reason, b"", r.source_path, r.offset, r.full_length, r.position)
+        bare.event_type = r.event_type
+        with conn.begin_nested():
+            stored += insert_rejections(conn, [bare])
+    return stored
+
+
 def rejection_row(r: Rejection) -> dict[str, Any]:
     p = r.position
     full = r.full_length if r.full_length is not None else len(r.raw)
     return {
-        "source_path": storable_text(r.source_path) if r.source_path is not None else None,
+        "source_path": storable_path(r.source_path) if r.source_path else r.source_path,
         "byte_offset": r.offset if r.offset is not None else (p.offset if p else None),
         "raw_text": storable_text(r.raw),
         "raw_length": full,
@@ -307,10 +330,3 @@ def safe_dumps(payload: Any) -> str:
 
 def _position(p: SourcePosition | None) -> str | None:
     return None if p is None else f"{p.source_id}/{p.generation}/{p.offset}/{p.seq}"
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming the error (its first line, capped): for logs, rows and the CLI."""
-    orig = getattr(exc, "orig", None) or exc
-    first = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {first[0] if first else ''}"[:500]

@@ -49,6 +49,8 @@ sources = Table(
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("path", Text, nullable=False, unique=True),
+    # the file name's bytes when they are not UTF-8 (``path`` then holds them escaped)
+    Column("path_bytes", LargeBinary, nullable=True),
     Column("inode", BigInteger, nullable=False),
     Column("device", BigInteger, nullable=False),
     Column("generation", Integer, nullable=False, server_default=text("0")),

@@ -17,6 +17,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from headspace_watcher.errors import CheckpointConflict
 from headspace_watcher.records import SessionChange, SessionInfo
 from headspace_watcher.store.references import References
+from headspace_watcher.store.retry import describe, is_transient
+from headspace_watcher.store.rows import REFUSABLE
 from headspace_watcher.store.schema import sessions
 
 _VALUE_COLUMNS = (
@@ -77,49 +79,69 @@ def set_monitoring(
 
 
 def apply_changes(
-    conn: Connection, changes: list[SessionChange], refs: References
+    conn: Connection,
+    changes: list[SessionChange],
+    refs: References,
+    refused: dict[str, str] | None = None,
 ) -> set[tuple[str, str]]:
     """Apply lifecycle changes under their guards; return the (kind, uuid) that lost.
 
     An ``activity`` change whose session was ended meanwhile (``unregister``) raises
     CheckpointConflict: nothing of the batch is stored; the caller reloads and redoes it.
+    With ``refused`` (careful mode) each change is alone in a savepoint: one PostgreSQL
+    refuses (a session id beyond the primary key's index limit) is noted there with the
+    reason and counted as lost, and the batch goes on without it.
     """
     lost: set[tuple[str, str]] = set()
     for ch in _coalesce(changes):
-        i = ch.info
-        if ch.kind == "activity":
-            params = {
-                "uuid": i.session_uuid,
-                "expected_epoch": ch.expected_epoch,
-                "at": i.last_activity_at,
-            }
-            if conn.execute(_activity_stmt(), params).rowcount == 0:
-                raise CheckpointConflict(
-                    f"session {i.session_uuid} is no longer active with epoch {ch.expected_epoch}"
-                )
+        if refused is None:
+            _apply_one(conn, ch, refs, lost)
             continue
-        if ch.kind == "end" and ch.expected_epoch == 0:
-            lost.add((ch.kind, i.session_uuid))
-            continue
-        values = {
-            "session_uuid": i.session_uuid,
-            "state": i.state,
-            "epoch": i.epoch,
-            "registered_at": i.registered_at,
-            "last_activity_at": i.last_activity_at,
-            "project_path": i.project_path,
-            "project_id": refs.project_id(i.project_path),
-            "agent_id": refs.agent_id(i.session_uuid),
-            "ended_at": ch.ended_at,
-            "end_reason": ch.end_reason,
-            "monitored": i.monitored,
-            "working_directory": i.working_directory,
-            "iterm_pane_id": i.iterm_pane_id,
-            "expected_epoch": ch.expected_epoch,
-        }
-        if conn.execute(_upsert_stmt(ch.kind == "register"), values).first() is None:
-            lost.add((ch.kind, i.session_uuid))
+        try:
+            with conn.begin_nested():
+                _apply_one(conn, ch, refs, lost)
+        except REFUSABLE as exc:
+            if is_transient(exc):
+                raise
+            refused[ch.info.session_uuid] = describe(exc)
+            lost.add((ch.kind, ch.info.session_uuid))
     return lost
+
+
+def _apply_one(
+    conn: Connection, ch: SessionChange, refs: References, lost: set[tuple[str, str]]
+) -> None:
+    """One guarded lifecycle change; a guard that failed adds (kind, uuid) to ``lost``."""
+    i = ch.info
+    if ch.kind == "activity":
+        params = {"uuid": i.session_uuid, "expected_epoch": ch.expected_epoch}
+        params["at"] = i.last_activity_at
+        if conn.execute(_activity_stmt(), params).rowcount == 0:
+            raise CheckpointConflict(
+                f"session {i.session_uuid} is no longer active with epoch {ch.expected_epoch}"
+            )
+        return
+    if ch.kind == "end" and ch.expected_epoch == 0:
+        lost.add((ch.kind, i.session_uuid))
+        return
+    values = {
+        "session_uuid": i.session_uuid,
+        "state": i.state,
+        "epoch": i.epoch,
+        "registered_at": i.registered_at,
+        "last_activity_at": i.last_activity_at,
+        "project_path": i.project_path,
+        "project_id": refs.project_id(i.project_path),
+        "agent_id": refs.agent_id(i.session_uuid),
+        "ended_at": ch.ended_at,
+        "end_reason": ch.end_reason,
+        "monitored": i.monitored,
+        "working_directory": i.working_directory,
+        "iterm_pane_id": i.iterm_pane_id,
+        "expected_epoch": ch.expected_epoch,
+    }
+    if conn.execute(_upsert_stmt(ch.kind == "register"), values).first() is None:
+        lost.add((ch.kind, i.session_uuid))
 
 
 @functools.cache

@@ -11,6 +11,13 @@ decisions under their guards, events by COPY, rejections, and the checkpoint adv
 If COPY is refused for anything but a transient reason (one poison event, or the guard
 wrong after all), the events are redone row by row under savepoints (``rows.insert_careful``):
 duplicates skipped, refused rows rejected, the rest stored — in the same transaction.
+
+Any other non-transient refusal (a project path or session id beyond an index's limit, a
+value the driver cannot encode) redoes the whole batch once more, each project, agent,
+session change, event and rejection in its own savepoint (``_store_careful``): a refused
+reference is left out (its events are stored without it, the value stays in the payload), a
+refused event becomes a rejection of its line, everything else is stored. Only when even
+that fails does the caller get ``BatchRefused`` (nothing stored) and isolate the stream.
 """
 
 from __future__ import annotations
@@ -21,15 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import psycopg
 from sqlalchemy import Connection, Engine
-from sqlalchemy import exc as sa_exc
 
-from headspace_watcher.errors import CheckpointConflict, WriteAborted, WriteFailed
+from headspace_watcher.errors import BatchRefused, CheckpointConflict, WriteAborted, WriteFailed
 from headspace_watcher.records import Batch, Event, Rejection, WriteResult
 from headspace_watcher.store import checkpoints, rows, sessions
 from headspace_watcher.store.references import NewRefs, References
-from headspace_watcher.store.retry import RetryPolicy, is_transient
+from headspace_watcher.store.retry import RetryPolicy, describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +84,30 @@ class BatchWriter:
         Raises CheckpointConflict (nothing stored: reload and redo), WriteFailed (transient
         failures outlasted the retries) or WriteAborted (``should_abort`` said stop).
         """
-        return self.with_retries(lambda conn: self._store(conn, batch), batch.events, should_abort)
+        return self.with_retries(
+            lambda conn, _refs: self._store(conn, batch),
+            batch.events,
+            should_abort,
+            careful=lambda conn, refs: self._store_careful(conn, batch, refs),
+        )
 
     def with_retries(
         self,
-        attempt: Callable[[Connection], WriteResult],
+        attempt: Callable[[Connection, NewRefs], WriteResult],
         evts: list[Event],
         should_abort: Callable[[], bool],
+        careful: Callable[[Connection, NewRefs], WriteResult] | None = None,
     ) -> WriteResult:
-        """Run ``attempt`` in a fresh transaction until it commits or retries run out."""
+        """Run ``attempt`` in a fresh transaction until it commits or retries run out;
+        ``careful``: the attempt to switch to (once) when ``attempt`` is refused for good."""
         delays = self.retry.delays()
+        narrowing = False
         while True:
             refs = NewRefs()
             try:
                 with self.engine.begin() as conn:
-                    self.references.resolve(conn, evts, refs)
-                    result = attempt(conn)
+                    self.references.resolve(conn, evts, refs, careful=narrowing)
+                    result = (careful if narrowing and careful else attempt)(conn, refs)
                 self.references.committed(refs)
                 self._account(result)
                 return result
@@ -103,8 +116,19 @@ class BatchWriter:
                 if isinstance(exc, CheckpointConflict) or not isinstance(exc, Exception):
                     raise
                 if not is_transient(exc):
-                    raise
-                self.metrics.last_error = rows.describe(exc)
+                    if careful is None:
+                        raise
+                    if narrowing:
+                        self.metrics.failed_writes += 1
+                        self.metrics.last_error = describe(exc)
+                        raise BatchRefused(self.metrics.last_error) from exc
+                    log.warning(
+                        "batch refused; narrowing it to the offending lines",
+                        extra={"error": describe(exc), "events": len(evts)},
+                    )
+                    narrowing = True
+                    continue
+                self.metrics.last_error = describe(exc)
                 delay = next(delays, None)
                 if delay is None or should_abort():
                     self.metrics.failed_writes += 1
@@ -138,17 +162,39 @@ class BatchWriter:
             try:
                 with conn.begin_nested():
                     result.written = rows.copy_events(conn, evts, invalid)
-            except (sa_exc.DBAPIError, psycopg.Error) as exc:
+            except rows.REFUSABLE as exc:
                 if is_transient(exc):
                     raise
                 log.warning(
                     "bulk insert refused, storing row by row",
-                    extra={"error": rows.describe(exc), "events": len(evts)},
+                    extra={"error": describe(exc), "events": len(evts)},
                 )
                 outcomes, invalid = rows.insert_careful(conn, evts)
                 result.written = outcomes.written
                 result.duplicates = outcomes.duplicates
         result.rejected += rows.insert_rejections(conn, batch.rejections + invalid)
+        checkpoints.advance(conn, batch.advances)
+        return result
+
+    def _store_careful(self, conn: Connection, batch: Batch, refs: NewRefs) -> WriteResult:
+        """``_store`` after a refusal, every row alone: a refused row affects only its line."""
+        checkpoints.check_guard(conn, batch.advances)
+        result = WriteResult()
+        refused: dict[str, str] = {}
+        result.lost = sessions.apply_changes(conn, batch.sessions, self.references, refused)
+        for what, reasons in (
+            ("project", refs.refused_projects),
+            ("agent", refs.refused_agents),
+            ("session", refused),
+        ):
+            for reason in reasons.values():
+                log.warning(
+                    f"{what} refused by the database; its lines are stored without it",
+                    extra={"error": reason},
+                )
+        outcomes, invalid = rows.insert_careful(conn, _without_lost(batch.events, result.lost))
+        result.written, result.duplicates = outcomes.written, outcomes.duplicates
+        result.rejected += rows.insert_rejections_careful(conn, batch.rejections + invalid)
         checkpoints.advance(conn, batch.advances)
         return result
 

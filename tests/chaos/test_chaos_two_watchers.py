@@ -2,10 +2,12 @@
 
 What holds, and which mechanism: the second watcher **refuses to start** (exit code 4, a
 "refusing to start" log line) because the first holds a PostgreSQL advisory lock for this
-host + projects path — whatever its state dir. If the first one's lock connection dies while
-it keeps running, a second one can start; then the **checkpoint guard** (each batch locks its
-source rows and checks ``committed_offset`` == where the batch starts, else
-``CheckpointConflict`` and nothing is stored) keeps both from storing a line twice.
+host + real projects path — whatever its state dir. If the first one's lock connection dies
+while it keeps running, it takes the lock again (checked before every batch); should a second
+one have got it in that window, the first writes nothing and waits, degraded. Behind both,
+the **checkpoint guard** (each batch locks its source rows and checks ``committed_offset`` ==
+where the batch starts, else ``CheckpointConflict`` and nothing is stored) keeps any two
+writers from storing a line twice.
 """
 
 from __future__ import annotations
@@ -92,11 +94,9 @@ def _terminate_lock_holder(env: ChaosEnv) -> int:
     return len(pids)
 
 
-def test_lock_lost_two_watchers_race_guard_prevents_duplicates(
-    chaos_env: ChaosEnv, exactly_once: object
-) -> None:
+def test_lock_lost_is_taken_again_or_waited_for(chaos_env: ChaosEnv, exactly_once: object) -> None:
     env = chaos_env
-    rng, seed = make_rng("lock lost: two watchers race")
+    rng, seed = make_rng("lock lost: taken again")
     gen = TreeGen(rng, env.root, max_line_bytes=env.max_line)
     files = gen.tree(pick(12, 40))
     write_tree(gen, files, (100, 400))
@@ -104,25 +104,27 @@ def test_lock_lost_two_watchers_race_guard_prevents_duplicates(
     wait_for(lambda: not a.alive() or _connected(a), "watcher A to connect", details=a.log)
     assert _terminate_lock_holder(env) == 1
     b = env.start(state_dir=env.tmp / "state-b", log_path=env.tmp / "watcher-b.log")
-    wait_for(lambda: not b.alive() or _connected(b), "watcher B to connect", details=b.log)
-    assert a.alive() and b.alive(), f"{a.log()}\n{b.log()}"
+    wait_for(lambda: not b.alive() or _connected(b), "watcher B to decide", details=b.log)
+    assert a.alive(), a.log()  # never self-inflicted: A re-took the lock, or waits for it
+    b_ran = b.alive()
+    if not b_ran:
+        assert b.popen.returncode == 4, b.log()
 
-    # Both now race on the same backlog and on live appends.
     app = TreeGen(random.Random(seed + 1), env.root, max_line_bytes=env.max_line)
     append_lines(app, [f for f in files if rng.random() < 0.5] or files[:1], lines=pick(400, 3000))
     for _ in range(pick(3, 15)):
         write_tree(gen, rng.sample(files, k=5), (50, 200))
         time.sleep(rng.uniform(0, 0.3))  # schedule of bursts
-    env.wait_caught_up(a, timeout=pick(60, 300))
-    assert b.alive(), b.log()
-    assert a.term()[0] == 0 and b.term()[0] == 0
-    conflicts = sum(w.log(limit=10**9).count("checkpoint moved under us") for w in (a, b))
+    env.wait_caught_up(b if b_ran else a, timeout=pick(60, 300))
+    assert a.alive(), a.log()
+    assert a.term()[0] == 0
+    if b_ran:
+        assert b.term()[0] == 0
     rep = assert_exact(env.engine, snapshot(env.root), max_line_bytes=env.max_line)
     exactly_once(env.engine, env.root, max_line_bytes=env.max_line)  # type: ignore[operator]
-    assert conflicts > 0, f"seed {seed}: the two watchers never collided; the race was not run"
     print(
-        f"[chaos] seed {seed}: two watchers raced; {conflicts} batches refused by the "
-        f"checkpoint guard; {rep.lines} lines, {rep.turns} turns, 0 duplicates"
+        f"[chaos] seed {seed}: lock lost; B {'ran' if b_ran else 'refused'}"
+        f"; {rep.lines} lines, {rep.turns} turns, 0 duplicates"
     )
 
 

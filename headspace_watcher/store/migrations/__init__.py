@@ -93,9 +93,24 @@ def schema_version(revision: str) -> int:
     return int(revision)
 
 
+def existing_tables(conn: Connection, names: list[str]) -> set[str]:
+    """Which of ``names`` exist in the current schema, read from ``pg_class`` with this
+    statement's snapshot. Not ``to_regclass``: it answers from the backend's catalog cache,
+    which after waiting for another session's upgrade (the advisory lock processes no cache
+    invalidations) can still say "no such table" about one just committed."""
+    found = conn.execute(
+        text(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relname = ANY(:names)"
+        ),
+        {"names": list(names)},
+    ).scalars()
+    return set(found)
+
+
 def current(conn: Connection) -> str | None:
     """The database's revision, or None when it has never been migrated."""
-    if conn.execute(text("SELECT to_regclass(:t)"), {"t": VERSION_TABLE}).scalar() is None:
+    if not existing_tables(conn, [VERSION_TABLE]):
         return None
     return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
