@@ -268,7 +268,10 @@ class ChaosEnv:
                 raise AssertionError(
                     f"watcher exited with {watcher.popen.returncode}:\n{watcher.log()}"
                 )
-            return self.caught_up(files)
+            # caught up, and by this watcher: with nothing left to do it must still have come
+            # up (its handlers in place) before a test stops it
+            ready = watcher is None or "database reachable" in watcher.log(limit=1 << 30)
+            return ready and self.caught_up(files)
 
         wait_for(
             done,

@@ -82,8 +82,15 @@ def _rows_by_source(env: ChaosEnv) -> tuple[dict[str, int], set[tuple[int, int, 
     return cps, rows
 
 
-def _connected(w: object) -> bool:
-    return "database reachable" in w.log()  # type: ignore[attr-defined]
+def _copying(env: ChaosEnv) -> bool:
+    """The watcher's COPY of its batch is on the wire (seen by the server itself)."""
+    with env.engine.connect() as conn:
+        return bool(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                "AND application_name = 'headspace-watcher' AND query LIKE 'COPY events%%'"
+            ).scalar()
+        )
 
 
 @pytest.mark.parametrize("batch", pick(["default", "huge"], ["default", "huge", "small"]))
@@ -115,8 +122,8 @@ def test_sigterm_with_large_backlog_then_restart_stores_the_remainder(
         total = env.lag()
         before = env.committed()
         w = env.start()
-        if batch == "huge":  # as soon as it starts on its one big batch
-            wait_for(lambda w=w: not w.alive() or _connected(w), "the connection", timeout=60)
+        if batch == "huge":  # while its one big batch streams (a position, not a speed)
+            wait_for(lambda w=w: not w.alive() or _copying(env), "the COPY", timeout=60)
         else:
             wait_for(
                 lambda w=w, b=before: not w.alive() or env.committed() > b,
@@ -124,14 +131,18 @@ def test_sigterm_with_large_backlog_then_restart_stores_the_remainder(
                 timeout=60,
                 details=w.log,
             )
-        time.sleep(rng.uniform(0, 0.1))  # fault schedule: the next batch is being built/written
+        if batch != "huge":  # fault schedule: the next batch is being built/written
+            time.sleep(rng.uniform(0, 0.1))
         code, took = w.term()
         assert code == 0, f"seed {seed}: exit code {code}\n{w.log()}"
         # The issue's bar: exit within 2 s of the signal (shutdown_timeout_seconds).
         assert took <= env.shutdown_timeout + EXIT_MARGIN_S, f"seed {seed}: {took:.2f}s\n{w.log()}"
         deadline = "deadline reached" in w.log()
         remaining = env.lag()
-        assert remaining > 0, f"seed {seed}: the backlog was gone before the signal"
+        # huge: a COPY that finishes within the stop budget commits it all, which is right
+        assert remaining > 0 or (batch == "huge" and not deadline), (
+            f"seed {seed}: the backlog was gone before the signal"
+        )
         # What is stored now is exactly the committed prefix of every file...
         assert_exact(env.engine, snapshot(env.root), max_line_bytes=env.max_line, final=False)
         cps_at_stop, rows_at_stop = _rows_by_source(env)
