@@ -3,8 +3,8 @@
 Each benchmark is a module ``bench/<name>.py`` runnable as ``python -m bench.<name>``; they
 run one after another (never in parallel: they measure the machine) as subprocesses, their
 output streamed, then a summary of every line that states a bar. Modules whose name starts
-with ``_`` are helpers; ``soak`` (a long stability run, 30 min by default) only runs when
-named with ``--only soak``.
+with ``_`` are helpers; ``soak`` (a long stability run, 30 min by default) and
+``catchup_profile`` (a diagnosis, not a benchmark) only run when named with ``--only``.
 
 ``--quick`` runs small sizes: ``--quick`` is passed to benchmarks that accept it; the others
 get their small-size options (see ``QUICK_FALLBACK``) when they have them.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("writer", "catchup", "latency", "idle")  # the rest follow alphabetically
-OPT_IN = frozenset({"soak"})
+OPT_IN = frozenset({"soak", "catchup_profile"})
 QUICK_FALLBACK: dict[str, list[list[str]]] = {
     # option groups passed under --quick to benchmarks without a --quick of their own;
     # a group is passed only when the benchmark's --help shows its option

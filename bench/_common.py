@@ -569,6 +569,106 @@ def generate_tree(
     return stats
 
 
+def generate_shaped_tree(
+    root: Path,
+    files: int,
+    lines_per_file: int,
+    seed: int = 20250603,
+    *,
+    projects: int = 6,
+    now: datetime | None = None,
+) -> TreeStats:
+    """``files`` main-session transcripts of exactly ``lines_per_file`` lines each, all ended.
+
+    For comparing tree *shapes* at equal bytes (few big files against many small ones): the
+    same line mix as ``generate_tree`` (drawn per line from one seeded factory, so two shapes
+    with the same total lines have nearly the same bytes), no sub-agents, every session's
+    last line days old (the watcher ends them all by timeout in the same catch-up).
+    """
+    fac = TranscriptFactory(seed)
+    rng = fac.rng
+    now = now or datetime.now(UTC)
+    stats = TreeStats(root)
+    dirs: list[tuple[Path, str]] = []
+    for i in range(max(1, projects)):
+        cwd = f"/home/dev/projects/shape-{i}"
+        dirs.append((root / cwd.replace("/", "-"), cwd))
+    for n in range(files):
+        project_dir, cwd = dirs[n % len(dirs)]
+        project_dir.mkdir(parents=True, exist_ok=True)
+        start = now - timedelta(days=rng.uniform(2, 60))
+        ctx = fac.new_session(project_dir, cwd, start, rng.choice(("2.1.39", "2.0.76")))
+        out: list[bytes] = []
+        for j in range(lines_per_file):
+            kind = "user_prompt" if j == 0 else rng.choices(fac.kinds, fac.weights)[0]
+            raw = fac.line(ctx, kind)
+            out.append(raw)
+            stats.kinds[kind] += 1
+            stats.turns += kind in TURN_KINDS
+            stats.longest = max(stats.longest, len(raw))
+            stats.long_lines += len(raw) >= 90_000
+        data = b"\n".join(out) + b"\n"
+        ctx.path.write_bytes(data)
+        stats.files += 1
+        stats.sessions += 1
+        stats.lines += lines_per_file
+        stats.bytes += len(data)
+    stats.projects = len(dirs[:files])
+    os.sync()  # its writeback must not compete with what is measured next
+    return stats
+
+
+class CommitCounter:
+    """Commits of one database (``pg_stat_database.xact_commit``), less this counter's own.
+
+    A backend flushes its counts when it exits, and exits a moment after its client closed,
+    so ``read()`` first waits (up to ``timeout``) until no other backend is connected to the
+    database: then everything done by processes that have finished is counted. Each of its
+    queries is a commit of its own (autocommit), counted by the next reading and subtracted;
+    ``own(n)`` declares ``n`` more commits the caller made meanwhile (e.g. a count query).
+    SQLAlchemy's read-only transactions end in ROLLBACK and are not counted, but its pool
+    pre-ping (``SELECT 1`` in autocommit at each checkout) is: a commit without WAL. So
+    ``read()`` also returns the WAL fsyncs of the whole server (``pg_stat_io``, PostgreSQL
+    16+; -1 before), the durable-commit cost itself.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._own = 0
+
+    def own(self, commits: int) -> None:
+        self._own += commits
+
+    def read(self, timeout: float = 15.0) -> tuple[int, int]:
+        """(commits of the database, WAL fsyncs of the server) now."""
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(libpq(self.url), autocommit=True) as conn:
+            queries = 0
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()
+                queries += 1
+                if (row is not None and row[0] == 0) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)  # backends of a finished client still exiting
+            row = conn.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchone()
+            queries += 1
+            fsyncs = -1
+            with contextlib.suppress(psycopg.Error):
+                wal = conn.execute(
+                    "SELECT sum(fsyncs) FROM pg_stat_io WHERE object = 'wal'"
+                ).fetchone()
+                queries += 1
+                fsyncs = int(wal[0]) if wal and wal[0] is not None else -1
+        value = (int(row[0]) if row else 0) - self._own
+        self._own += queries
+        return value, fsyncs
+
+
 # --------------------------------------------------------------------------- the turn rule
 
 
