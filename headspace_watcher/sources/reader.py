@@ -83,14 +83,6 @@ class ReadResult:
     def count(self) -> int:
         return len(self.lines) + len(self.oversized)
 
-    def take_lines(self) -> Iterator[tuple[int, bytes]]:
-        """Each line once, its bytes dropped from here as it is handed over: a huge line is
-        then not kept alive beside its parsed text until the batch commits."""
-        lines = self.lines
-        for i, item in enumerate(lines):
-            lines[i] = (item[0], b"")
-            yield item
-
 
 @dataclass(frozen=True, slots=True)
 class FileIdentity:
