@@ -166,6 +166,15 @@ def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
 # --------------------------------------------------------------------------- revision 0001
 
 
+def test_revision_files_are_the_chain_alembic_reads() -> None:
+    """``head()`` comes from the file names (no Alembic import on every connect): the files
+    must be exactly Alembic's chain, numbered in order."""
+    chain = migrations.alembic_chain()
+    assert list(migrations.shipped()) == chain
+    assert chain == [f"{n:04d}" for n in range(1, len(chain) + 1)]
+    assert migrations.head() == chain[-1]
+
+
 def test_revision_0001_is_exactly_the_pre_migration_schema(make_database, engines) -> None:
     migrated, frozen = engines(make_database()), engines(make_database())
     with migrated.begin() as conn:  # what init_db did when 0001 was head
