@@ -18,6 +18,11 @@ from headspace_watcher.config import (
     ENV_STATE_DIR,
     PROJECT_ROOT,
     ConfigError,
+    DatabaseConfig,
+    EventSystemConfig,
+    FileWatcherConfig,
+    HealthConfig,
+    LoggingConfig,
     load_config,
     mask_url,
     redact_text,
@@ -67,52 +72,50 @@ def test_loads_every_key_from_file(tmp_path: Path) -> None:
     path = write(tmp_path, FULL.format(projects=tmp_path / "p", state=tmp_path / "s"))
     cfg = load_config(path, env={})
     assert cfg.source == str(path)
-    assert cfg.database_url == "postgresql+psycopg://watcher@db.example:5433/headspace"
     assert not cfg.uses_embedded_database
-    assert cfg.raw["database"] == {
-        "url": "postgresql+psycopg://watcher@db.example:5433/headspace",
-        "connect_timeout_seconds": 7,
-        "embedded_port": 55000,
-        "embedded_tcp": True,
-    }
-    assert cfg.embedded_tcp is True
+    assert cfg.database == DatabaseConfig(
+        url="postgresql+psycopg://watcher@db.example:5433/headspace",
+        connect_timeout_seconds=7,
+        embedded_port=55000,
+        embedded_tcp=True,
+    )
     assert cfg.projects_path == tmp_path / "p"
     assert cfg.state_dir == (tmp_path / "s").resolve()
-    assert cfg.file_watcher == {
-        "projects_path": str(tmp_path / "p"),
-        "mode": "registered",
-        "inactivity_timeout": 60,
-        "max_line_bytes": 2048,
-        "read_chunk_bytes": 8192,
-        "batch_max_lines": 10,
-        "batch_max_bytes": 8192,
-    }
-    assert cfg.event_system == {
-        "write_retry_attempts": 5,
-        "write_retry_delay_ms": 250,
-        "max_restarts_per_minute": 9,
-        "shutdown_timeout_seconds": 4,
-    }
-    assert cfg.raw["health"]["heartbeat_interval_seconds"] == 2
-    assert cfg.raw["logging"]["level"] == "DEBUG"
+    assert cfg.file_watcher == FileWatcherConfig(
+        projects_path=tmp_path / "p",
+        mode="registered",
+        inactivity_timeout=60,
+        max_line_bytes=2048,
+        read_chunk_bytes=8192,
+        batch_max_lines=10,
+        batch_max_bytes=8192,
+    )
+    assert cfg.event_system == EventSystemConfig(
+        write_retry_attempts=5,
+        write_retry_delay_ms=250,
+        max_restarts_per_minute=9,
+        shutdown_timeout_seconds=4,
+    )
+    assert cfg.health == HealthConfig(
+        state_dir=(tmp_path / "s").resolve(), heartbeat_interval_seconds=2
+    )
+    assert cfg.logging == LoggingConfig(level="DEBUG")
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""), env={})
-    assert cfg.database_url is None
+    assert cfg.database.url is None
     assert cfg.uses_embedded_database
-    assert cfg.event_system == DEFAULTS["event_system"]
-    assert cfg.file_watcher["mode"] == "all"
+    assert cfg.event_system == EventSystemConfig(**DEFAULTS["event_system"])
+    assert cfg.file_watcher.mode == "all"
     assert cfg.projects_path == Path("~/.claude/projects").expanduser()
     assert cfg.state_dir == (PROJECT_ROOT / "var").resolve()
 
 
 def test_partial_section_keeps_other_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "event_system:\n  write_retry_attempts: 7\n"), env={})
-    assert cfg.event_system["write_retry_attempts"] == 7
-    assert (
-        cfg.event_system["write_retry_delay_ms"] == DEFAULTS["event_system"]["write_retry_delay_ms"]
-    )
+    assert cfg.event_system.write_retry_attempts == 7
+    assert cfg.event_system.write_retry_delay_ms == DEFAULTS["event_system"]["write_retry_delay_ms"]
 
 
 def test_seed_section_is_accepted(tmp_path: Path) -> None:
@@ -122,12 +125,12 @@ def test_seed_section_is_accepted(tmp_path: Path) -> None:
         "  max_restarts_per_minute: 5\n  shutdown_timeout_seconds: 2\n"
     )
     cfg = load_config(write(tmp_path, seed), env={})
-    assert cfg.event_system == {
-        "write_retry_attempts": 3,
-        "write_retry_delay_ms": 100,
-        "max_restarts_per_minute": 5,
-        "shutdown_timeout_seconds": 2,
-    }
+    assert cfg.event_system == EventSystemConfig(
+        write_retry_attempts=3,
+        write_retry_delay_ms=100,
+        max_restarts_per_minute=5,
+        shutdown_timeout_seconds=2,
+    )
 
 
 def test_repository_config_yaml_is_valid() -> None:
@@ -146,26 +149,25 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ENV_STATE_DIR: str(tmp_path / "state-env"),
     }
     cfg = load_config(path, env=env)
-    assert cfg.database_url == "postgresql+psycopg://other@h2:6000/db2"
-    assert cfg.raw["database"]["url"] == "postgresql+psycopg://other@h2:6000/db2"
+    assert cfg.database.url == "postgresql+psycopg://other@h2:6000/db2"
     assert cfg.projects_path == tmp_path / "projects-env"
     assert cfg.state_dir == (tmp_path / "state-env").resolve()
     # keys without an env variable still come from the file
-    assert cfg.file_watcher["mode"] == "registered"
+    assert cfg.file_watcher.mode == "registered"
 
 
 def test_env_config_selects_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "logging:\n  level: WARNING\n", name="elsewhere.yaml")
     cfg = load_config(env={ENV_CONFIG: str(path)})
     assert cfg.source == str(path)
-    assert cfg.raw["logging"]["level"] == "WARNING"
+    assert cfg.logging.level == "WARNING"
 
 
 def test_explicit_path_beats_env_config(tmp_path: Path) -> None:
     chosen = write(tmp_path, "logging:\n  level: ERROR\n", name="chosen.yaml")
     other = write(tmp_path, "logging:\n  level: WARNING\n", name="other.yaml")
     cfg = load_config(chosen, env={ENV_CONFIG: str(other)})
-    assert cfg.raw["logging"]["level"] == "ERROR"
+    assert cfg.logging.level == "ERROR"
 
 
 def test_env_is_read_from_process_environment(
@@ -185,7 +187,7 @@ def test_empty_env_value_does_not_override(tmp_path: Path) -> None:
     path = write(tmp_path, FULL.format(projects=tmp_path / "p", state=tmp_path / "s"))
     cfg = load_config(path, env={ENV_PROJECTS_PATH: "", ENV_DATABASE_URL: ""})
     assert cfg.projects_path == tmp_path / "p"
-    assert cfg.database_url == "postgresql+psycopg://watcher@db.example:5433/headspace"
+    assert cfg.database.url == "postgresql+psycopg://watcher@db.example:5433/headspace"
 
 
 def test_bad_env_value_is_reported_with_its_key(tmp_path: Path) -> None:
@@ -299,12 +301,12 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_masked_hides_password(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, f"database:\n  url: {SECRET_URL}\n"), env={})
-    assert cfg.database_url == SECRET_URL  # the real one is still there to connect with
+    assert cfg.database.url == SECRET_URL  # the real one is still there to connect with
     shown = cfg.masked()
     assert shown["database"]["url"] == "postgresql+psycopg://watcher:***@db.example:5432/headspace"
     assert SECRET not in repr(shown)
     assert SECRET not in repr(cfg.masked())  # masking does not mutate the config
-    assert cfg.raw["database"]["url"] == SECRET_URL
+    assert cfg.database.url == SECRET_URL
 
 
 def test_masked_hides_password_from_env(tmp_path: Path) -> None:
@@ -401,20 +403,20 @@ def test_redact_text_masks_urls_and_conninfo_in_free_text() -> None:
 @pytest.mark.parametrize("level", ["debug", "Warning", "error", "INFO"])
 def test_logging_level_any_case_is_normalised(tmp_path: Path, level: str) -> None:
     cfg = load_config(write(tmp_path, f"logging:\n  level: {level}\n"), env={})
-    assert cfg.raw["logging"]["level"] == level.upper()
+    assert cfg.logging.level == level.upper()
 
 
 @pytest.mark.parametrize("scheme", ["postgres", "postgresql", "POSTGRES"])
 def test_postgres_urls_are_accepted_for_psycopg(tmp_path: Path, scheme: str) -> None:
     cfg = load_config(write(tmp_path, f"database:\n  url: {scheme}://u@h:5/db\n"), env={})
-    assert cfg.database_url == "postgresql+psycopg://u@h:5/db"
+    assert cfg.database.url == "postgresql+psycopg://u@h:5/db"
 
 
 def test_raw_at_in_the_password_is_encoded_so_the_host_is_right(tmp_path: Path) -> None:
     from sqlalchemy.engine import make_url
 
     cfg = load_config(write(tmp_path, ""), env={ENV_DATABASE_URL: "postgres://u:pa@ss@h/db"})
-    url = make_url(cfg.database_url or "")
+    url = make_url(cfg.database.url or "")
     assert (url.password, url.host, url.database) == ("pa@ss", "h", "db")
     assert "ss" not in cfg.masked()["database"]["url"]
 
@@ -544,3 +546,68 @@ def test_anchor_bomb_is_refused_with_bounded_message_and_memory(tmp_path: Path, 
 def test_self_referencing_alias_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expands to more than"):
         load_config(write(tmp_path, "database: &a {url: [*a]}\n"), env={})
+
+
+# --------------------------------------------------------------------------- typed sections
+
+
+def test_sections_are_typed_and_frozen(tmp_path: Path) -> None:
+    import dataclasses
+
+    cfg = load_config(write(tmp_path, "file_watcher:\n  batch_max_lines: 7\n"), env={})
+    assert cfg.file_watcher.batch_max_lines == 7
+    assert isinstance(cfg.file_watcher.projects_path, Path)
+    assert isinstance(cfg.health.state_dir, Path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.file_watcher.batch_max_lines = 8  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.event_system = cfg.event_system  # type: ignore[misc]
+
+
+def test_masked_has_the_shape_of_the_file_plus_source(tmp_path: Path) -> None:
+    """``check-config`` prints this: the documented effective config, keys in file order."""
+    cfg = load_config(write(tmp_path, ""), env={ENV_STATE_DIR: str(tmp_path / "s")})
+    shown = cfg.masked()
+    assert list(shown) == [*DEFAULTS, "source"]
+    for section, keys in DEFAULTS.items():
+        assert list(shown[section]) == list(keys), section
+    assert shown["health"]["state_dir"] == str((tmp_path / "s").resolve())
+    assert shown["file_watcher"]["projects_path"] == str(Path("~/.claude/projects").expanduser())
+    assert shown["event_system"] == DEFAULTS["event_system"]
+
+
+def test_config_error_is_the_one_root_config_error(tmp_path: Path) -> None:
+    from headspace_watcher import errors
+
+    with pytest.raises(errors.ConfigError) as info:
+        load_config(write(tmp_path, f"database:\n  url: mysql://u:{SECRET}@h/db\n"), env={})
+    assert isinstance(info.value, errors.HeadspaceError)
+    assert SECRET not in str(info.value)
+
+
+def _our_imports(path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports, at top level or inside a function."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {name for name in found if name.startswith("headspace_watcher")}
+
+
+def test_config_is_at_the_bottom_of_the_import_graph() -> None:
+    """config imports nothing of ours but errors: the store (which finds the embedded
+    server) is above it, and an upward import would tie every layer to the store."""
+    assert _our_imports(PROJECT_ROOT / "headspace_watcher" / "config.py") == {
+        "headspace_watcher.errors"
+    }
+
+
+def test_the_store_says_which_url_to_connect_to(tmp_path: Path) -> None:
+    from headspace_watcher.store.embedded import database_url
+
+    cfg = load_config(write(tmp_path, ""), env={ENV_DATABASE_URL: SECRET_URL})
+    assert database_url(cfg) == SECRET_URL  # the configured one, as it is (password and all)
