@@ -3,7 +3,9 @@
 A service that starts with a bad value fails later in a confusing way, so every key is
 checked at load time and the error names the key and what was expected. Whatever the file
 holds (a password, another program's secrets, an alias bomb), no message repeats it raw:
-values are masked, redacted and capped before they are shown.
+values are masked, redacted and capped before they are shown. Environment variables
+(``ENV_KEYS``: the database URL, the two paths, ``HEADSPACE_EVENT_SYSTEM_<KEY>``) override
+the file and are validated like its values; an error about one names the variable.
 
 The result is a frozen ``Config`` of typed sections (``config.event_system.write_retry_attempts``),
 so a misspelt key is an AttributeError at the line that reads it, not a KeyError at run time.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import reprlib
 import stat
 import string
@@ -40,6 +43,7 @@ ENV_CONFIG = "HEADSPACE_CONFIG"
 ENV_DATABASE_URL = "HEADSPACE_DATABASE_URL"
 ENV_PROJECTS_PATH = "HEADSPACE_PROJECTS_PATH"
 ENV_STATE_DIR = "HEADSPACE_STATE_DIR"
+ENV_EVENT_SYSTEM_PREFIX = "HEADSPACE_EVENT_SYSTEM_"  # + the key in upper case
 
 DEFAULTS: dict[str, Any] = {
     "database": {
@@ -67,6 +71,15 @@ DEFAULTS: dict[str, Any] = {
     "logging": {"level": "INFO"},
 }
 
+# Which variable overrides which key; an error about the key names the variable.
+ENV_KEYS: dict[str, tuple[str, str]] = {
+    ENV_DATABASE_URL: ("database", "url"),
+    ENV_PROJECTS_PATH: ("file_watcher", "projects_path"),
+    ENV_STATE_DIR: ("health", "state_dir"),
+    **{f"{ENV_EVENT_SYSTEM_PREFIX}{key.upper()}": ("event_system", key)
+       for key in DEFAULTS["event_system"]},
+}  # fmt: skip
+
 
 class ConfigError(errors.ConfigError):
     """A configuration value is wrong; the message names the key and the expectation.
@@ -92,6 +105,9 @@ _SCHEME_CHARS = frozenset(string.ascii_letters + string.digits + "+.-")
 _MAX_SCHEME_CHARS = 32
 _KEY_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
 MAX_KEY_CHARS = 40
+_VARIABLE_CHARS = frozenset(string.ascii_uppercase + string.digits + "_")
+MAX_VARIABLE_CHARS = 80
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,18}")  # bounded: int() of a huge string is slow or refused
 _URL_LOOKAHEAD = 256  # how far past a space a password cut by it is still looked for
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _URL_ALIASES = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
@@ -570,14 +586,16 @@ def _quoted_tokens_hidden(text: str) -> str:
     return "".join(out)
 
 
-def _describe(error: Invalid, data: dict[str, Any]) -> str:
+def _describe(error: Invalid, data: dict[str, Any], origins: dict[tuple[Any, ...], str]) -> str:
     key = ".".join(_key_text(p) for p in error.path)
     value: Any = data
     for part in error.path:
         value = value.get(part) if isinstance(value, dict) else None
     if key.startswith("database.url") and isinstance(value, str):
         value = mask_url(value)
-    return f"config key {key!r}: {error.msg}, got {_shown(value)}"
+    variable = origins.get(tuple(error.path))
+    where = f"{key!r} (from {variable})" if variable else repr(key)
+    return f"config key {where}: {error.msg}, got {_shown(value)}"
 
 
 def _problems_text(problems: list[str]) -> str:
@@ -592,19 +610,50 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     cfg_path = Path(path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH).expanduser()
     problems: list[str] = []
     data = _merge(DEFAULTS, _read_file(cfg_path), problems)
-    if env.get(ENV_DATABASE_URL):
-        data["database"]["url"] = env[ENV_DATABASE_URL]
-    if env.get(ENV_PROJECTS_PATH):
-        data["file_watcher"]["projects_path"] = env[ENV_PROJECTS_PATH]
-    if env.get(ENV_STATE_DIR):
-        data["health"]["state_dir"] = env[ENV_STATE_DIR]
+    origins = _apply_env(data, env, problems)
     try:
         data = SCHEMA(data)
     except MultipleInvalid as exc:
-        problems.extend(_describe(e, data) for e in exc.errors)
+        problems.extend(_describe(e, data, origins) for e in exc.errors)
     if problems:
         raise ConfigError(_problems_text(problems))
     return _typed(data, str(cfg_path))
+
+
+def _apply_env(
+    data: dict[str, Any], env: dict[str, str], problems: list[str]
+) -> dict[tuple[Any, ...], str]:
+    """Overlay the environment (a set, non-empty variable wins over the file); return which
+    key came from which variable, so that an error names the variable the operator set."""
+    origins: dict[tuple[Any, ...], str] = {}
+    for name, (section, key) in ENV_KEYS.items():
+        if env.get(name):
+            data[section][key] = _env_value(env[name], DEFAULTS[section][key])
+            origins[(section, key)] = name
+    for name in env:
+        if name.startswith(ENV_EVENT_SYSTEM_PREFIX) and name not in ENV_KEYS:
+            problems.append(
+                f"environment variable {_variable_text(name)} is unknown; expected one of: "
+                f"{sorted(n for n in ENV_KEYS if n.startswith(ENV_EVENT_SYSTEM_PREFIX))}"
+            )
+    return origins
+
+
+def _env_value(text: str, default: Any) -> Any:
+    """An environment value as the file would hold it: a key whose default is an integer
+    takes the integer a decimal string spells; anything else stays a string, for the schema
+    to refuse with the key's own expectation."""
+    if isinstance(default, int) and _DECIMAL.fullmatch(text):
+        return int(text)
+    return text
+
+
+def _variable_text(name: str) -> str:
+    """An environment variable as named in a message (only a name: the environment is ours
+    to read, not to print)."""
+    if len(name) <= MAX_VARIABLE_CHARS and set(name) <= _VARIABLE_CHARS:
+        return name
+    return f"<a variable named {ENV_EVENT_SYSTEM_PREFIX}… of {len(name)} characters>"
 
 
 def _typed(data: dict[str, Any], source: str) -> Config:

@@ -611,3 +611,143 @@ def test_the_store_says_which_url_to_connect_to(tmp_path: Path) -> None:
 
     cfg = load_config(write(tmp_path, ""), env={ENV_DATABASE_URL: SECRET_URL})
     assert database_url(cfg) == SECRET_URL  # the configured one, as it is (password and all)
+
+
+# --------------------------------------------------------------------------- event_system env
+
+EVENT_SYSTEM_ENV = {
+    # key: (a value other than the file's and the default's, its variable)
+    "write_retry_attempts": 11,
+    "write_retry_delay_ms": 1234,
+    "max_restarts_per_minute": 17,
+    "shutdown_timeout_seconds": 9,
+}
+
+
+def test_every_event_system_key_has_its_variable() -> None:
+    assert set(EVENT_SYSTEM_ENV) == set(DEFAULTS["event_system"])
+
+
+@pytest.mark.parametrize(("key", "value"), sorted(EVENT_SYSTEM_ENV.items()))
+def test_event_system_env_overrides_the_file(tmp_path: Path, key: str, value: int) -> None:
+    path = write(tmp_path, FULL.format(projects=tmp_path / "p", state=tmp_path / "s"))
+    variable = f"HEADSPACE_EVENT_SYSTEM_{key.upper()}"
+    cfg = load_config(path, env={variable: str(value)})
+    assert getattr(cfg.event_system, key) == value  # an int, parsed from the string
+    assert type(getattr(cfg.event_system, key)) is int
+    others = {k: getattr(cfg.event_system, k) for k in EVENT_SYSTEM_ENV if k != key}
+    file_values = {"write_retry_attempts": 5, "write_retry_delay_ms": 250,
+                   "max_restarts_per_minute": 9, "shutdown_timeout_seconds": 4}  # fmt: skip
+    assert others == {k: v for k, v in file_values.items() if k != key}  # the rest: the file's
+    assert cfg.masked()["event_system"][key] == value  # check-config shows the effective one
+
+
+def test_empty_event_system_variable_does_not_override(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, "event_system:\n  write_retry_attempts: 7\n"),
+        env={"HEADSPACE_EVENT_SYSTEM_WRITE_RETRY_ATTEMPTS": ""},
+    )
+    assert cfg.event_system.write_retry_attempts == 7
+
+
+BAD_EVENT_SYSTEM_ENV = [
+    ("WRITE_RETRY_ATTEMPTS", "many", "expected an integer from 0 to 20"),
+    ("WRITE_RETRY_ATTEMPTS", "21", "expected an integer from 0 to 20"),
+    ("WRITE_RETRY_ATTEMPTS", "true", "expected an integer from 0 to 20"),
+    ("WRITE_RETRY_DELAY_MS", "2.5", "expected an integer from 1 to 60000"),
+    ("WRITE_RETRY_DELAY_MS", "0x10", "expected an integer from 1 to 60000"),
+    ("MAX_RESTARTS_PER_MINUTE", "0", "expected an integer from 1 to 1000"),
+    ("SHUTDOWN_TIMEOUT_SECONDS", " 5", "expected an integer from 1 to 300"),
+    ("SHUTDOWN_TIMEOUT_SECONDS", "9" * 5000, "expected an integer from 1 to 300"),
+]
+
+
+@pytest.mark.parametrize(("suffix", "value", "expected"), BAD_EVENT_SYSTEM_ENV)
+def test_bad_event_system_variable_names_the_variable_key_and_expectation(
+    tmp_path: Path, suffix: str, value: str, expected: str
+) -> None:
+    variable = f"HEADSPACE_EVENT_SYSTEM_{suffix}"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, ""), env={variable: value})
+    message = str(info.value)
+    assert f"'event_system.{suffix.lower()}' (from {variable}): {expected}" in message
+    assert len(message) < 300  # a huge value is echoed capped
+
+
+def test_unknown_event_system_variable_is_reported_with_the_known_ones(tmp_path: Path) -> None:
+    env = {
+        "HEADSPACE_EVENT_SYSTEM_RETRY_ATTEMPTS": "3",  # a typo would otherwise do nothing
+        f"HEADSPACE_EVENT_SYSTEM_{SECRET.upper()}x": "1",  # not a name: only described
+        "HEADSPACE_EVENT_SYSTEM_MAX_RESTARTS_PER_MINUTE": "-1",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "logging:\n  level: LOUD\n"), env=env)
+    message = str(info.value)
+    assert "environment variable HEADSPACE_EVENT_SYSTEM_RETRY_ATTEMPTS is unknown" in message
+    assert "HEADSPACE_EVENT_SYSTEM_WRITE_RETRY_ATTEMPTS" in message  # what was meant
+    assert SECRET.upper() not in message
+    # every problem at once: the unknown ones, a bad value from the environment, the file's
+    assert "(from HEADSPACE_EVENT_SYSTEM_MAX_RESTARTS_PER_MINUTE)" in message
+    assert "'logging.level'" in message
+
+
+class _CircusWatcher:
+    """What the hooks read of a circus watcher: its name, env, status and options."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.name = "headspace-watcher"
+        self.env = env
+        self.state = "starting"
+
+    def status(self) -> str:
+        return self.state
+
+    def options(self) -> list[tuple[str, str]]:
+        return []
+
+
+def test_circus_crash_loop_limit_takes_the_environment_override(tmp_path: Path) -> None:
+    """circus_hooks reads ``max_restarts_per_minute`` from the watcher's environment (what
+    circus gives the service): the override is what stops a crash loop."""
+    from headspace_watcher import circus_hooks
+
+    path = write(tmp_path, "event_system:\n  max_restarts_per_minute: 5\n")
+    watcher = _CircusWatcher(
+        {
+            ENV_CONFIG: str(path),
+            ENV_STATE_DIR: str(tmp_path / "var"),
+            "HEADSPACE_EVENT_SYSTEM_MAX_RESTARTS_PER_MINUTE": "2",
+        }
+    )
+    assert circus_hooks.restart_limits(watcher) == (2, 60.0)
+    assert circus_hooks.before_spawn(watcher, None, "before_spawn")  # the start itself
+    watcher.state = "active"
+    spawns = [circus_hooks.before_spawn(watcher, None, "before_spawn") for _ in range(3)]
+    assert spawns == [True, True, False]  # 2 restarts, not the file's 5
+
+
+def test_console_script_takes_and_checks_event_system_variables(tmp_path: Path) -> None:
+    """The real process: ``check-config`` shows the override; a bad one exits 2 naming it."""
+    import json
+    import os
+    import subprocess
+
+    from watcher_helpers import WatcherEnv
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSPACE_")}
+    env |= {ENV_CONFIG: str(write(tmp_path, "")), ENV_STATE_DIR: str(tmp_path / "var")}
+
+    def check_config(value: str) -> subprocess.CompletedProcess[str]:
+        variables = {**env, "HEADSPACE_EVENT_SYSTEM_SHUTDOWN_TIMEOUT_SECONDS": value}
+        command = [*WatcherEnv.command(), "check-config"]
+        return subprocess.run(command, env=variables, capture_output=True, text=True, check=False)
+
+    good = check_config("7")
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["event_system"]["shutdown_timeout_seconds"] == 7
+
+    bad = check_config("soon")
+    assert bad.returncode == 2
+    assert "(from HEADSPACE_EVENT_SYSTEM_SHUTDOWN_TIMEOUT_SECONDS)" in bad.stderr
+    assert "expected an integer from 1 to 300, got 'soon'" in bad.stderr
+    assert bad.stdout == ""
