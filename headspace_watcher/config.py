@@ -594,8 +594,8 @@ def _describe(error: Invalid, data: dict[str, Any], origins: dict[tuple[Any, ...
     if key.startswith("database.url") and isinstance(value, str):
         value = mask_url(value)
     variable = origins.get(tuple(error.path))
-    where = f"{key!r} (from {variable})" if variable else repr(key)
-    return f"config key {where}: {error.msg}, got {_shown(value)}"
+    source = f" (from {variable})" if variable else ""
+    return f"config key {key!r}: {error.msg}, got {_shown(value)}{source}"
 
 
 def _problems_text(problems: list[str]) -> str:
