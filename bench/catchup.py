@@ -357,8 +357,8 @@ def _config_desc() -> str:
 
     fw = load_config().file_watcher
     return (
-        f"batch_max_lines={fw['batch_max_lines']} batch_max_bytes={fw['batch_max_bytes']} "
-        f"read_chunk_bytes={fw['read_chunk_bytes']}"
+        f"batch_max_lines={fw.batch_max_lines} batch_max_bytes={fw.batch_max_bytes} "
+        f"read_chunk_bytes={fw.read_chunk_bytes}"
     )
 
 

@@ -99,7 +99,7 @@ def _config_max_restarts(env: Mapping[str, str] | None) -> int:
     from headspace_watcher.config import ConfigError, load_config
 
     try:
-        return int(load_config(env=_env_for(env)).event_system["max_restarts_per_minute"])
+        return load_config(env=_env_for(env)).event_system.max_restarts_per_minute
     except ConfigError as exc:
         # The service itself exits 2 on this config; this protection is what stops it.
         logger.warning(
@@ -267,11 +267,11 @@ def before_start_postgres(watcher: Any, arbiter: Any, hook_name: str, **_: Any) 
                     "%s: not started: an external database is configured (%s); the embedded "
                     "PostgreSQL is only for database.url = null",
                     watcher.name,
-                    mask_url(config.database_url or ""),
+                    mask_url(config.database.url or ""),
                 )
                 return False
-            state_dir, port = config.state_dir, int(config.raw["database"]["embedded_port"])
-            tcp = config.embedded_tcp
+            state_dir, port = config.state_dir, config.database.embedded_port
+            tcp = config.database.embedded_tcp
         try:
             check_can_serve(state_dir, port, tcp=tcp)
         except PgServerError as exc:

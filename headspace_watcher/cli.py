@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from headspace_watcher.service.loop import Service
 
     config = _config(args)
-    _setup_logging(config.raw["logging"]["level"])
+    _setup_logging(config.logging.level)
     code = Service(config).run(once=args.once, early_signal=args.early_signal)
     if getattr(args, "exit_now", False):
         _exit_now(code)
@@ -84,10 +84,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_init_db(args: argparse.Namespace) -> int:
     from headspace_watcher import config as config_mod
     from headspace_watcher.store import Store
+    from headspace_watcher.store.embedded import database_url
 
     config = _config(args)
-    _setup_logging(config.raw["logging"]["level"])
-    url = config.resolved_database_url()
+    _setup_logging(config.logging.level)
+    url = database_url(config)
     store = Store(url)
     try:
         version = store.init()
@@ -105,12 +106,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _store(config: Config):  # type: ignore[no-untyped-def]
     from headspace_watcher.store import Store
+    from headspace_watcher.store.embedded import database_url
     from headspace_watcher.store.retry import RetryPolicy
 
     es = config.event_system
     store = Store(
-        config.resolved_database_url(),
-        retry=RetryPolicy(es["write_retry_attempts"], es["write_retry_delay_ms"] / 1000),
+        database_url(config),
+        retry=RetryPolicy(es.write_retry_attempts, es.write_retry_delay_ms / 1000),
     )
     store.init()
     return store
@@ -120,7 +122,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     from headspace_watcher.service.registration import register_session
 
     config = _config(args)
-    _setup_logging(config.raw["logging"]["level"])
+    _setup_logging(config.logging.level)
     store = _store(config)
     try:
         recorded = register_session(
@@ -139,7 +141,7 @@ def cmd_unregister(args: argparse.Namespace) -> int:
     from headspace_watcher.service.registration import unregister_session
 
     config = _config(args)
-    _setup_logging(config.raw["logging"]["level"])
+    _setup_logging(config.logging.level)
     store = _store(config)
     try:
         recorded = unregister_session(store, args.session_uuid)
@@ -160,9 +162,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from headspace_watcher.store import embedded as pgserver
 
     config = _config(args)
-    _setup_logging(config.raw["logging"]["level"])
+    _setup_logging(config.logging.level)
     if config.uses_embedded_database:
-        port = config.raw["database"]["embedded_port"]
+        port = config.database.embedded_port
         pgserver.ensure_embedded(config.state_dir, port)
         with pgserver.embedded_running(config.state_dir, dbname=pgserver.EMBEDDED_DATABASE) as url:
             store = Store(url)
@@ -172,12 +174,12 @@ def cmd_setup(args: argparse.Namespace) -> int:
                 store.close()
         print(f"embedded PostgreSQL ready in {pgserver.embedded_data_dir(config.state_dir)}")
     else:
-        store = Store(config.resolved_database_url())
+        store = Store(pgserver.database_url(config))
         try:
             store.init()
         finally:
             store.close()
-        print(f"schema ready at {config_mod.mask_url(config.resolved_database_url())}")
+        print(f"schema ready at {config_mod.mask_url(pgserver.database_url(config))}")
     return 0
 
 

@@ -3,25 +3,37 @@
 A service that starts with a bad value fails later in a confusing way, so every key is
 checked at load time and the error names the key and what was expected. Whatever the file
 holds (a password, another program's secrets, an alias bomb), no message repeats it raw:
-values are masked, redacted and capped before they are shown.
+values are masked, redacted and capped before they are shown. Environment variables
+(``ENV_KEYS``: the database URL, the two paths, ``HEADSPACE_EVENT_SYSTEM_<KEY>``) override
+the file and are validated like its values; an error about one names the variable.
+
+The result is a frozen ``Config`` of typed sections (``config.event_system.write_retry_attempts``),
+so a misspelt key is an AttributeError at the line that reads it, not a KeyError at run time.
+This module sits at the bottom of the package and imports nothing of ours but ``errors``:
+which URL the service connects to (the embedded server's socket and password) is the
+store's business (``store.embedded.database_url``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import re
 import reprlib
 import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote_plus
 
 import yaml
 from sqlalchemy.engine import make_url
 from voluptuous import All, Invalid, Length, MultipleInvalid, Range, Required, Schema
 from voluptuous import Any as AnyOf
+
+from headspace_watcher import errors
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config.yaml"
@@ -31,6 +43,7 @@ ENV_CONFIG = "HEADSPACE_CONFIG"
 ENV_DATABASE_URL = "HEADSPACE_DATABASE_URL"
 ENV_PROJECTS_PATH = "HEADSPACE_PROJECTS_PATH"
 ENV_STATE_DIR = "HEADSPACE_STATE_DIR"
+ENV_EVENT_SYSTEM_PREFIX = "HEADSPACE_EVENT_SYSTEM_"  # + the key in upper case
 
 DEFAULTS: dict[str, Any] = {
     "database": {
@@ -58,12 +71,22 @@ DEFAULTS: dict[str, Any] = {
     "logging": {"level": "INFO"},
 }
 
+# Which variable overrides which key; an error about the key names the variable.
+ENV_KEYS: dict[str, tuple[str, str]] = {
+    ENV_DATABASE_URL: ("database", "url"),
+    ENV_PROJECTS_PATH: ("file_watcher", "projects_path"),
+    ENV_STATE_DIR: ("health", "state_dir"),
+    **{f"{ENV_EVENT_SYSTEM_PREFIX}{key.upper()}": ("event_system", key)
+       for key in DEFAULTS["event_system"]},
+}  # fmt: skip
 
-class ConfigError(Exception):
+
+class ConfigError(errors.ConfigError):
     """A configuration value is wrong; the message names the key and the expectation.
 
     Every message is redacted and capped here, once for every raise site: a misplaced URL
     can be echoed back as "the value got", and a hostile file can make any message huge.
+    It is the root's ``errors.ConfigError`` (what callers catch) with that guarantee added.
     """
 
     def __init__(self, message: str) -> None:
@@ -82,6 +105,9 @@ _SCHEME_CHARS = frozenset(string.ascii_letters + string.digits + "+.-")
 _MAX_SCHEME_CHARS = 32
 _KEY_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
 MAX_KEY_CHARS = 40
+_VARIABLE_CHARS = frozenset(string.ascii_uppercase + string.digits + "_")
+MAX_VARIABLE_CHARS = 80
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,18}")  # bounded: int() of a huge string is slow or refused
 _URL_LOOKAHEAD = 256  # how far past a space a password cut by it is still looked for
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _URL_ALIASES = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
@@ -183,47 +209,90 @@ SCHEMA = Schema(
 
 
 @dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """``database.*``: where the events go."""
+
+    url: str | None  # None = the embedded PostgreSQL (store.embedded.database_url resolves it)
+    connect_timeout_seconds: int
+    embedded_port: int
+    embedded_tcp: bool  # the embedded server also listens on 127.0.0.1 (the service never does)
+
+    @property
+    def embedded(self) -> bool:
+        """No URL configured: the embedded PostgreSQL in the state dir is the database."""
+        return self.url is None
+
+
+@dataclass(frozen=True, slots=True)
+class FileWatcherConfig:
+    """``file_watcher.*``: which tree is read, and how much of it at once."""
+
+    projects_path: Path  # expanded (``~``), not resolved: a symlinked tree keeps its name
+    mode: Literal["all", "registered"]
+    inactivity_timeout: int
+    max_line_bytes: int
+    read_chunk_bytes: int
+    batch_max_lines: int
+    batch_max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventSystemConfig:
+    """``event_system.*`` (the seed's section): retries, restarts, the shutdown budget."""
+
+    write_retry_attempts: int
+    write_retry_delay_ms: int
+    max_restarts_per_minute: int
+    shutdown_timeout_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """``health.*``: this instance's state directory and its reporting cadence."""
+
+    state_dir: Path  # resolved; ``null`` in the file means var/ in the checkout
+    heartbeat_interval_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    """The effective, validated configuration."""
+    """The effective, validated configuration: one typed section per ``config.yaml`` section."""
 
-    raw: dict[str, Any]
     source: str
-    database_url: str | None
-    projects_path: Path
-    state_dir: Path
+    database: DatabaseConfig
+    file_watcher: FileWatcherConfig
+    event_system: EventSystemConfig
+    health: HealthConfig
+    logging: LoggingConfig
 
     @property
-    def file_watcher(self) -> dict[str, Any]:
-        return self.raw["file_watcher"]
+    def projects_path(self) -> Path:
+        """Shorthands for the two paths nearly every layer needs (the tree, the state dir)."""
+        return self.file_watcher.projects_path
 
     @property
-    def event_system(self) -> dict[str, Any]:
-        return self.raw["event_system"]
+    def state_dir(self) -> Path:
+        return self.health.state_dir
 
     @property
     def uses_embedded_database(self) -> bool:
-        return self.database_url is None
-
-    @property
-    def embedded_tcp(self) -> bool:
-        """Whether the embedded server also listens on 127.0.0.1 (the service never uses it)."""
-        return bool(self.raw["database"]["embedded_tcp"])
-
-    def resolved_database_url(self) -> str:
-        """The URL to connect to: the configured one, or the embedded server's — its
-        non-superuser service role over the private unix socket (never TCP, which another
-        local user could squat)."""
-        if self.database_url is not None:
-            return self.database_url
-        from headspace_watcher.store import embedded as pgserver
-
-        port = self.raw["database"]["embedded_port"]
-        return pgserver.embedded_url(self.state_dir, port)
+        return self.database.embedded
 
     def masked(self) -> dict[str, Any]:
-        """The effective config with the password hidden, for printing and logging."""
-        shown = copy.deepcopy(self.raw)
-        shown["database"]["url"] = mask_url(self.database_url) if self.database_url else None
+        """The effective config with the password hidden, for printing and logging (the
+        shape of ``config.yaml`` plus ``source``: ``check-config`` documents it)."""
+        shown: dict[str, Any] = {
+            f.name: dataclasses.asdict(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "source"
+        }
+        url = self.database.url
+        shown["database"]["url"] = mask_url(url) if url else None
         shown["file_watcher"]["projects_path"] = str(self.projects_path)
         shown["health"]["state_dir"] = str(self.state_dir)
         shown["source"] = self.source
@@ -517,14 +586,16 @@ def _quoted_tokens_hidden(text: str) -> str:
     return "".join(out)
 
 
-def _describe(error: Invalid, data: dict[str, Any]) -> str:
+def _describe(error: Invalid, data: dict[str, Any], origins: dict[tuple[Any, ...], str]) -> str:
     key = ".".join(_key_text(p) for p in error.path)
     value: Any = data
     for part in error.path:
         value = value.get(part) if isinstance(value, dict) else None
     if key.startswith("database.url") and isinstance(value, str):
         value = mask_url(value)
-    return f"config key {key!r}: {error.msg}, got {_shown(value)}"
+    variable = origins.get(tuple(error.path))
+    source = f" (from {variable})" if variable else ""
+    return f"config key {key!r}: {error.msg}, got {_shown(value)}{source}"
 
 
 def _problems_text(problems: list[str]) -> str:
@@ -539,23 +610,64 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     cfg_path = Path(path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH).expanduser()
     problems: list[str] = []
     data = _merge(DEFAULTS, _read_file(cfg_path), problems)
-    if env.get(ENV_DATABASE_URL):
-        data["database"]["url"] = env[ENV_DATABASE_URL]
-    if env.get(ENV_PROJECTS_PATH):
-        data["file_watcher"]["projects_path"] = env[ENV_PROJECTS_PATH]
-    if env.get(ENV_STATE_DIR):
-        data["health"]["state_dir"] = env[ENV_STATE_DIR]
+    origins = _apply_env(data, env, problems)
     try:
         data = SCHEMA(data)
     except MultipleInvalid as exc:
-        problems.extend(_describe(e, data) for e in exc.errors)
+        problems.extend(_describe(e, data, origins) for e in exc.errors)
     if problems:
         raise ConfigError(_problems_text(problems))
+    return _typed(data, str(cfg_path))
+
+
+def _apply_env(
+    data: dict[str, Any], env: dict[str, str], problems: list[str]
+) -> dict[tuple[Any, ...], str]:
+    """Overlay the environment (a set, non-empty variable wins over the file); return which
+    key came from which variable, so that an error names the variable the operator set."""
+    origins: dict[tuple[Any, ...], str] = {}
+    for name, (section, key) in ENV_KEYS.items():
+        if env.get(name):
+            data[section][key] = _env_value(env[name], DEFAULTS[section][key])
+            origins[(section, key)] = name
+    for name in env:
+        if name.startswith(ENV_EVENT_SYSTEM_PREFIX) and name not in ENV_KEYS:
+            problems.append(
+                f"environment variable {_variable_text(name)} is unknown; expected one of: "
+                f"{sorted(n for n in ENV_KEYS if n.startswith(ENV_EVENT_SYSTEM_PREFIX))}"
+            )
+    return origins
+
+
+def _env_value(text: str, default: Any) -> Any:
+    """An environment value as the file would hold it: a key whose default is an integer
+    takes the integer a decimal string spells; anything else stays a string, for the schema
+    to refuse with the key's own expectation."""
+    if isinstance(default, int) and _DECIMAL.fullmatch(text):
+        return int(text)
+    return text
+
+
+def _variable_text(name: str) -> str:
+    """An environment variable as named in a message (only a name: the environment is ours
+    to read, not to print)."""
+    if len(name) <= MAX_VARIABLE_CHARS and set(name) <= _VARIABLE_CHARS:
+        return name
+    return f"<a variable named {ENV_EVENT_SYSTEM_PREFIX}… of {len(name)} characters>"
+
+
+def _typed(data: dict[str, Any], source: str) -> Config:
+    """The validated mapping as typed sections; the two paths made usable once, here."""
     state_dir = data["health"]["state_dir"] or str(PROJECT_ROOT / "var")
+    projects_path = Path(data["file_watcher"]["projects_path"]).expanduser()
     return Config(
-        raw=data,
-        source=str(cfg_path),
-        database_url=data["database"]["url"],
-        projects_path=Path(data["file_watcher"]["projects_path"]).expanduser(),
-        state_dir=Path(state_dir).expanduser().resolve(),
+        source=source,
+        database=DatabaseConfig(**data["database"]),
+        file_watcher=FileWatcherConfig(**{**data["file_watcher"], "projects_path": projects_path}),
+        event_system=EventSystemConfig(**data["event_system"]),
+        health=HealthConfig(
+            state_dir=Path(state_dir).expanduser().resolve(),
+            heartbeat_interval_seconds=data["health"]["heartbeat_interval_seconds"],
+        ),
+        logging=LoggingConfig(**data["logging"]),
     )

@@ -313,7 +313,7 @@ def test_100mb_line_is_rejected_once_with_full_length_in_bounded_memory(
         f.write(b"\n")
     write(path, turn(session, "after"))
     cfg = write_config(tmp_path, database_url, projects)
-    assert load_config(cfg, env={}).file_watcher["max_line_bytes"] == 64 * 1024 * 1024
+    assert load_config(cfg, env={}).file_watcher.max_line_bytes == 64 * 1024 * 1024
 
     service = live(cfg)
     wait_for(lambda: len(db.turns(session)) == 2, "the line after the long one")

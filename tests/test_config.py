@@ -18,6 +18,11 @@ from headspace_watcher.config import (
     ENV_STATE_DIR,
     PROJECT_ROOT,
     ConfigError,
+    DatabaseConfig,
+    EventSystemConfig,
+    FileWatcherConfig,
+    HealthConfig,
+    LoggingConfig,
     load_config,
     mask_url,
     redact_text,
@@ -67,52 +72,50 @@ def test_loads_every_key_from_file(tmp_path: Path) -> None:
     path = write(tmp_path, FULL.format(projects=tmp_path / "p", state=tmp_path / "s"))
     cfg = load_config(path, env={})
     assert cfg.source == str(path)
-    assert cfg.database_url == "postgresql+psycopg://watcher@db.example:5433/headspace"
     assert not cfg.uses_embedded_database
-    assert cfg.raw["database"] == {
-        "url": "postgresql+psycopg://watcher@db.example:5433/headspace",
-        "connect_timeout_seconds": 7,
-        "embedded_port": 55000,
-        "embedded_tcp": True,
-    }
-    assert cfg.embedded_tcp is True
+    assert cfg.database == DatabaseConfig(
+        url="postgresql+psycopg://watcher@db.example:5433/headspace",
+        connect_timeout_seconds=7,
+        embedded_port=55000,
+        embedded_tcp=True,
+    )
     assert cfg.projects_path == tmp_path / "p"
     assert cfg.state_dir == (tmp_path / "s").resolve()
-    assert cfg.file_watcher == {
-        "projects_path": str(tmp_path / "p"),
-        "mode": "registered",
-        "inactivity_timeout": 60,
-        "max_line_bytes": 2048,
-        "read_chunk_bytes": 8192,
-        "batch_max_lines": 10,
-        "batch_max_bytes": 8192,
-    }
-    assert cfg.event_system == {
-        "write_retry_attempts": 5,
-        "write_retry_delay_ms": 250,
-        "max_restarts_per_minute": 9,
-        "shutdown_timeout_seconds": 4,
-    }
-    assert cfg.raw["health"]["heartbeat_interval_seconds"] == 2
-    assert cfg.raw["logging"]["level"] == "DEBUG"
+    assert cfg.file_watcher == FileWatcherConfig(
+        projects_path=tmp_path / "p",
+        mode="registered",
+        inactivity_timeout=60,
+        max_line_bytes=2048,
+        read_chunk_bytes=8192,
+        batch_max_lines=10,
+        batch_max_bytes=8192,
+    )
+    assert cfg.event_system == EventSystemConfig(
+        write_retry_attempts=5,
+        write_retry_delay_ms=250,
+        max_restarts_per_minute=9,
+        shutdown_timeout_seconds=4,
+    )
+    assert cfg.health == HealthConfig(
+        state_dir=(tmp_path / "s").resolve(), heartbeat_interval_seconds=2
+    )
+    assert cfg.logging == LoggingConfig(level="DEBUG")
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""), env={})
-    assert cfg.database_url is None
+    assert cfg.database.url is None
     assert cfg.uses_embedded_database
-    assert cfg.event_system == DEFAULTS["event_system"]
-    assert cfg.file_watcher["mode"] == "all"
+    assert cfg.event_system == EventSystemConfig(**DEFAULTS["event_system"])
+    assert cfg.file_watcher.mode == "all"
     assert cfg.projects_path == Path("~/.claude/projects").expanduser()
     assert cfg.state_dir == (PROJECT_ROOT / "var").resolve()
 
 
 def test_partial_section_keeps_other_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "event_system:\n  write_retry_attempts: 7\n"), env={})
-    assert cfg.event_system["write_retry_attempts"] == 7
-    assert (
-        cfg.event_system["write_retry_delay_ms"] == DEFAULTS["event_system"]["write_retry_delay_ms"]
-    )
+    assert cfg.event_system.write_retry_attempts == 7
+    assert cfg.event_system.write_retry_delay_ms == DEFAULTS["event_system"]["write_retry_delay_ms"]
 
 
 def test_seed_section_is_accepted(tmp_path: Path) -> None:
@@ -122,12 +125,12 @@ def test_seed_section_is_accepted(tmp_path: Path) -> None:
         "  max_restarts_per_minute: 5\n  shutdown_timeout_seconds: 2\n"
     )
     cfg = load_config(write(tmp_path, seed), env={})
-    assert cfg.event_system == {
-        "write_retry_attempts": 3,
-        "write_retry_delay_ms": 100,
-        "max_restarts_per_minute": 5,
-        "shutdown_timeout_seconds": 2,
-    }
+    assert cfg.event_system == EventSystemConfig(
+        write_retry_attempts=3,
+        write_retry_delay_ms=100,
+        max_restarts_per_minute=5,
+        shutdown_timeout_seconds=2,
+    )
 
 
 def test_repository_config_yaml_is_valid() -> None:
@@ -146,26 +149,25 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ENV_STATE_DIR: str(tmp_path / "state-env"),
     }
     cfg = load_config(path, env=env)
-    assert cfg.database_url == "postgresql+psycopg://other@h2:6000/db2"
-    assert cfg.raw["database"]["url"] == "postgresql+psycopg://other@h2:6000/db2"
+    assert cfg.database.url == "postgresql+psycopg://other@h2:6000/db2"
     assert cfg.projects_path == tmp_path / "projects-env"
     assert cfg.state_dir == (tmp_path / "state-env").resolve()
     # keys without an env variable still come from the file
-    assert cfg.file_watcher["mode"] == "registered"
+    assert cfg.file_watcher.mode == "registered"
 
 
 def test_env_config_selects_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "logging:\n  level: WARNING\n", name="elsewhere.yaml")
     cfg = load_config(env={ENV_CONFIG: str(path)})
     assert cfg.source == str(path)
-    assert cfg.raw["logging"]["level"] == "WARNING"
+    assert cfg.logging.level == "WARNING"
 
 
 def test_explicit_path_beats_env_config(tmp_path: Path) -> None:
     chosen = write(tmp_path, "logging:\n  level: ERROR\n", name="chosen.yaml")
     other = write(tmp_path, "logging:\n  level: WARNING\n", name="other.yaml")
     cfg = load_config(chosen, env={ENV_CONFIG: str(other)})
-    assert cfg.raw["logging"]["level"] == "ERROR"
+    assert cfg.logging.level == "ERROR"
 
 
 def test_env_is_read_from_process_environment(
@@ -185,7 +187,7 @@ def test_empty_env_value_does_not_override(tmp_path: Path) -> None:
     path = write(tmp_path, FULL.format(projects=tmp_path / "p", state=tmp_path / "s"))
     cfg = load_config(path, env={ENV_PROJECTS_PATH: "", ENV_DATABASE_URL: ""})
     assert cfg.projects_path == tmp_path / "p"
-    assert cfg.database_url == "postgresql+psycopg://watcher@db.example:5433/headspace"
+    assert cfg.database.url == "postgresql+psycopg://watcher@db.example:5433/headspace"
 
 
 def test_bad_env_value_is_reported_with_its_key(tmp_path: Path) -> None:
@@ -299,12 +301,12 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_masked_hides_password(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, f"database:\n  url: {SECRET_URL}\n"), env={})
-    assert cfg.database_url == SECRET_URL  # the real one is still there to connect with
+    assert cfg.database.url == SECRET_URL  # the real one is still there to connect with
     shown = cfg.masked()
     assert shown["database"]["url"] == "postgresql+psycopg://watcher:***@db.example:5432/headspace"
     assert SECRET not in repr(shown)
     assert SECRET not in repr(cfg.masked())  # masking does not mutate the config
-    assert cfg.raw["database"]["url"] == SECRET_URL
+    assert cfg.database.url == SECRET_URL
 
 
 def test_masked_hides_password_from_env(tmp_path: Path) -> None:
@@ -401,20 +403,20 @@ def test_redact_text_masks_urls_and_conninfo_in_free_text() -> None:
 @pytest.mark.parametrize("level", ["debug", "Warning", "error", "INFO"])
 def test_logging_level_any_case_is_normalised(tmp_path: Path, level: str) -> None:
     cfg = load_config(write(tmp_path, f"logging:\n  level: {level}\n"), env={})
-    assert cfg.raw["logging"]["level"] == level.upper()
+    assert cfg.logging.level == level.upper()
 
 
 @pytest.mark.parametrize("scheme", ["postgres", "postgresql", "POSTGRES"])
 def test_postgres_urls_are_accepted_for_psycopg(tmp_path: Path, scheme: str) -> None:
     cfg = load_config(write(tmp_path, f"database:\n  url: {scheme}://u@h:5/db\n"), env={})
-    assert cfg.database_url == "postgresql+psycopg://u@h:5/db"
+    assert cfg.database.url == "postgresql+psycopg://u@h:5/db"
 
 
 def test_raw_at_in_the_password_is_encoded_so_the_host_is_right(tmp_path: Path) -> None:
     from sqlalchemy.engine import make_url
 
     cfg = load_config(write(tmp_path, ""), env={ENV_DATABASE_URL: "postgres://u:pa@ss@h/db"})
-    url = make_url(cfg.database_url or "")
+    url = make_url(cfg.database.url or "")
     assert (url.password, url.host, url.database) == ("pa@ss", "h", "db")
     assert "ss" not in cfg.masked()["database"]["url"]
 
@@ -544,3 +546,209 @@ def test_anchor_bomb_is_refused_with_bounded_message_and_memory(tmp_path: Path, 
 def test_self_referencing_alias_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expands to more than"):
         load_config(write(tmp_path, "database: &a {url: [*a]}\n"), env={})
+
+
+# --------------------------------------------------------------------------- typed sections
+
+
+def test_sections_are_typed_and_frozen(tmp_path: Path) -> None:
+    import dataclasses
+
+    cfg = load_config(write(tmp_path, "file_watcher:\n  batch_max_lines: 7\n"), env={})
+    assert cfg.file_watcher.batch_max_lines == 7
+    assert isinstance(cfg.file_watcher.projects_path, Path)
+    assert isinstance(cfg.health.state_dir, Path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.file_watcher.batch_max_lines = 8  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.event_system = cfg.event_system  # type: ignore[misc]
+
+
+def test_masked_has_the_shape_of_the_file_plus_source(tmp_path: Path) -> None:
+    """``check-config`` prints this: the documented effective config, keys in file order."""
+    cfg = load_config(write(tmp_path, ""), env={ENV_STATE_DIR: str(tmp_path / "s")})
+    shown = cfg.masked()
+    assert list(shown) == [*DEFAULTS, "source"]
+    for section, keys in DEFAULTS.items():
+        assert list(shown[section]) == list(keys), section
+    assert shown["health"]["state_dir"] == str((tmp_path / "s").resolve())
+    assert shown["file_watcher"]["projects_path"] == str(Path("~/.claude/projects").expanduser())
+    assert shown["event_system"] == DEFAULTS["event_system"]
+
+
+def test_config_error_is_the_one_root_config_error(tmp_path: Path) -> None:
+    from headspace_watcher import errors
+
+    with pytest.raises(errors.ConfigError) as info:
+        load_config(write(tmp_path, f"database:\n  url: mysql://u:{SECRET}@h/db\n"), env={})
+    assert isinstance(info.value, errors.HeadspaceError)
+    assert SECRET not in str(info.value)
+
+
+def _our_imports(path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports, at top level or inside a function."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {name for name in found if name.startswith("headspace_watcher")}
+
+
+def test_config_is_at_the_bottom_of_the_import_graph() -> None:
+    """config imports nothing of ours but errors: the store (which finds the embedded
+    server) is above it, and an upward import would tie every layer to the store."""
+    assert _our_imports(PROJECT_ROOT / "headspace_watcher" / "config.py") == {
+        "headspace_watcher.errors"
+    }
+
+
+def test_the_store_says_which_url_to_connect_to(tmp_path: Path) -> None:
+    from headspace_watcher.store.embedded import database_url
+
+    cfg = load_config(write(tmp_path, ""), env={ENV_DATABASE_URL: SECRET_URL})
+    assert database_url(cfg) == SECRET_URL  # the configured one, as it is (password and all)
+
+
+# --------------------------------------------------------------------------- event_system env
+
+EVENT_SYSTEM_ENV = {
+    # key: (a value other than the file's and the default's, its variable)
+    "write_retry_attempts": 11,
+    "write_retry_delay_ms": 1234,
+    "max_restarts_per_minute": 17,
+    "shutdown_timeout_seconds": 9,
+}
+
+
+def test_every_event_system_key_has_its_variable() -> None:
+    assert set(EVENT_SYSTEM_ENV) == set(DEFAULTS["event_system"])
+
+
+@pytest.mark.parametrize(("key", "value"), sorted(EVENT_SYSTEM_ENV.items()))
+def test_event_system_env_overrides_the_file(tmp_path: Path, key: str, value: int) -> None:
+    path = write(tmp_path, FULL.format(projects=tmp_path / "p", state=tmp_path / "s"))
+    variable = f"HEADSPACE_EVENT_SYSTEM_{key.upper()}"
+    cfg = load_config(path, env={variable: str(value)})
+    assert getattr(cfg.event_system, key) == value  # an int, parsed from the string
+    assert type(getattr(cfg.event_system, key)) is int
+    others = {k: getattr(cfg.event_system, k) for k in EVENT_SYSTEM_ENV if k != key}
+    file_values = {"write_retry_attempts": 5, "write_retry_delay_ms": 250,
+                   "max_restarts_per_minute": 9, "shutdown_timeout_seconds": 4}  # fmt: skip
+    assert others == {k: v for k, v in file_values.items() if k != key}  # the rest: the file's
+    assert cfg.masked()["event_system"][key] == value  # check-config shows the effective one
+
+
+def test_empty_event_system_variable_does_not_override(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, "event_system:\n  write_retry_attempts: 7\n"),
+        env={"HEADSPACE_EVENT_SYSTEM_WRITE_RETRY_ATTEMPTS": ""},
+    )
+    assert cfg.event_system.write_retry_attempts == 7
+
+
+BAD_EVENT_SYSTEM_ENV = [
+    ("WRITE_RETRY_ATTEMPTS", "many", "expected an integer from 0 to 20"),
+    ("WRITE_RETRY_ATTEMPTS", "21", "expected an integer from 0 to 20"),
+    ("WRITE_RETRY_ATTEMPTS", "true", "expected an integer from 0 to 20"),
+    ("WRITE_RETRY_DELAY_MS", "2.5", "expected an integer from 1 to 60000"),
+    ("WRITE_RETRY_DELAY_MS", "0x10", "expected an integer from 1 to 60000"),
+    ("MAX_RESTARTS_PER_MINUTE", "0", "expected an integer from 1 to 1000"),
+    ("SHUTDOWN_TIMEOUT_SECONDS", " 5", "expected an integer from 1 to 300"),
+    ("SHUTDOWN_TIMEOUT_SECONDS", "9" * 5000, "expected an integer from 1 to 300"),
+]
+
+
+@pytest.mark.parametrize(("suffix", "value", "expected"), BAD_EVENT_SYSTEM_ENV)
+def test_bad_event_system_variable_names_the_variable_key_and_expectation(
+    tmp_path: Path, suffix: str, value: str, expected: str
+) -> None:
+    variable = f"HEADSPACE_EVENT_SYSTEM_{suffix}"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, ""), env={variable: value})
+    message = str(info.value)
+    assert f"'event_system.{suffix.lower()}': {expected}, got " in message
+    assert message.endswith(f" (from {variable})")
+    assert len(message) < 300  # a huge value is echoed capped
+
+
+def test_unknown_event_system_variable_is_reported_with_the_known_ones(tmp_path: Path) -> None:
+    env = {
+        "HEADSPACE_EVENT_SYSTEM_RETRY_ATTEMPTS": "3",  # a typo would otherwise do nothing
+        f"HEADSPACE_EVENT_SYSTEM_{SECRET.upper()}x": "1",  # not a name: only described
+        "HEADSPACE_EVENT_SYSTEM_MAX_RESTARTS_PER_MINUTE": "-1",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "logging:\n  level: LOUD\n"), env=env)
+    message = str(info.value)
+    assert "environment variable HEADSPACE_EVENT_SYSTEM_RETRY_ATTEMPTS is unknown" in message
+    assert "HEADSPACE_EVENT_SYSTEM_WRITE_RETRY_ATTEMPTS" in message  # what was meant
+    assert SECRET.upper() not in message
+    # every problem at once: the unknown ones, a bad value from the environment, the file's
+    assert "(from HEADSPACE_EVENT_SYSTEM_MAX_RESTARTS_PER_MINUTE)" in message
+    assert "'logging.level'" in message
+
+
+class _CircusWatcher:
+    """What the hooks read of a circus watcher: its name, env, status and options."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.name = "headspace-watcher"
+        self.env = env
+        self.state = "starting"
+
+    def status(self) -> str:
+        return self.state
+
+    def options(self) -> list[tuple[str, str]]:
+        return []
+
+
+def test_circus_crash_loop_limit_takes_the_environment_override(tmp_path: Path) -> None:
+    """circus_hooks reads ``max_restarts_per_minute`` from the watcher's environment (what
+    circus gives the service): the override is what stops a crash loop."""
+    from headspace_watcher import circus_hooks
+
+    path = write(tmp_path, "event_system:\n  max_restarts_per_minute: 5\n")
+    watcher = _CircusWatcher(
+        {
+            ENV_CONFIG: str(path),
+            ENV_STATE_DIR: str(tmp_path / "var"),
+            "HEADSPACE_EVENT_SYSTEM_MAX_RESTARTS_PER_MINUTE": "2",
+        }
+    )
+    assert circus_hooks.restart_limits(watcher) == (2, 60.0)
+    assert circus_hooks.before_spawn(watcher, None, "before_spawn")  # the start itself
+    watcher.state = "active"
+    spawns = [circus_hooks.before_spawn(watcher, None, "before_spawn") for _ in range(3)]
+    assert spawns == [True, True, False]  # 2 restarts, not the file's 5
+
+
+def test_console_script_takes_and_checks_event_system_variables(tmp_path: Path) -> None:
+    """The real process: ``check-config`` shows the override; a bad one exits 2 naming it."""
+    import json
+    import os
+    import subprocess
+
+    from watcher_helpers import WatcherEnv
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSPACE_")}
+    env |= {ENV_CONFIG: str(write(tmp_path, "")), ENV_STATE_DIR: str(tmp_path / "var")}
+
+    def check_config(value: str) -> subprocess.CompletedProcess[str]:
+        variables = {**env, "HEADSPACE_EVENT_SYSTEM_SHUTDOWN_TIMEOUT_SECONDS": value}
+        command = [*WatcherEnv.command(), "check-config"]
+        return subprocess.run(command, env=variables, capture_output=True, text=True, check=False)
+
+    good = check_config("7")
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["event_system"]["shutdown_timeout_seconds"] == 7
+
+    bad = check_config("soon")
+    assert bad.returncode == 2
+    assert "(from HEADSPACE_EVENT_SYSTEM_SHUTDOWN_TIMEOUT_SECONDS)" in bad.stderr
+    assert "expected an integer from 1 to 300, got 'soon' (from" in bad.stderr
+    assert bad.stdout == ""

@@ -428,4 +428,4 @@ def test_embedded_tcp_must_be_a_boolean(root: Path) -> None:
     with pytest.raises(ConfigError, match=r"'database\.embedded_tcp': expected true or false"):
         load_config(config, env={})
     config.write_text("database:\n  embedded_tcp: true\n")
-    assert load_config(config, env={}).embedded_tcp is True
+    assert load_config(config, env={}).database.embedded_tcp is True

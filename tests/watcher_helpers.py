@@ -344,7 +344,7 @@ class WatcherEnv:
 
     @property
     def max_line_bytes(self) -> int:
-        return int(self.config().file_watcher["max_line_bytes"])
+        return self.config().file_watcher.max_line_bytes
 
     def env_vars(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSPACE_")}

@@ -22,6 +22,7 @@ from typing import Any
 from headspace_watcher.config import Config, mask_url, redact_text
 from headspace_watcher.errors import AnotherInstance
 from headspace_watcher.store import Store
+from headspace_watcher.store.embedded import database_url
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def status(config: Config, *, check_database: bool = True) -> dict[str, Any]:
             report["uptime_seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     if check_database:
         try:
-            url = config.resolved_database_url()
+            url = database_url(config)
         except Exception:
             url = None
         report["database_reachable"] = bool(url) and database_reachable(url)  # type: ignore[arg-type]
@@ -174,13 +175,13 @@ def _stale(report: dict[str, Any], config: Config) -> bool:
     if not updated:
         return True
     age = (datetime.now(UTC) - datetime.fromisoformat(updated)).total_seconds()
-    return age > 3 * config.raw["health"]["heartbeat_interval_seconds"] + 5
+    return age > 3 * config.health.heartbeat_interval_seconds + 5
 
 
 def _database_label(config: Config) -> str:
-    if config.database_url:
-        return mask_url(config.database_url)
-    return f"embedded PostgreSQL (127.0.0.1:{config.raw['database']['embedded_port']})"
+    if config.database.url:
+        return mask_url(config.database.url)
+    return f"embedded PostgreSQL (127.0.0.1:{config.database.embedded_port})"
 
 
 def exit_code(report: dict[str, Any]) -> int:

@@ -42,6 +42,7 @@ from headspace_watcher.sources import Budget, Source
 from headspace_watcher.sources.reader import first_session_id
 from headspace_watcher.sources.transcripts import ReadLimits, TranscriptSource
 from headspace_watcher.store import Store
+from headspace_watcher.store.embedded import database_url
 from headspace_watcher.store.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -72,28 +73,28 @@ class Service:
         self.monotonic = monotonic
         fw = config.file_watcher
         es = config.event_system
-        self.batch_lines = fw["batch_max_lines"]
-        self.batch_bytes = fw["batch_max_bytes"]
-        self.retry = RetryPolicy(es["write_retry_attempts"], es["write_retry_delay_ms"] / 1000)
-        self.url = config.resolved_database_url()
+        self.batch_lines = fw.batch_max_lines
+        self.batch_bytes = fw.batch_max_bytes
+        self.retry = RetryPolicy(es.write_retry_attempts, es.write_retry_delay_ms / 1000)
+        self.url = database_url(config)
         self.store = Store(
             self.url,
-            connect_timeout=config.raw["database"]["connect_timeout_seconds"],
+            connect_timeout=config.database.connect_timeout_seconds,
             retry=self.retry,
             clock=clock,
         )
-        self.tracker = SessionTracker(fw["inactivity_timeout"])
-        self.deriving = Deriving(self.tracker, fw["max_line_bytes"], clock)
-        registered = fw["mode"] == "registered"
+        self.tracker = SessionTracker(fw.inactivity_timeout)
+        self.deriving = Deriving(self.tracker, fw.max_line_bytes, clock)
+        registered = fw.mode == "registered"
         self.transcripts = TranscriptSource(
             config.projects_path,
             self.store.checkpoints,
-            ReadLimits(fw["max_line_bytes"], fw["read_chunk_bytes"]),
+            ReadLimits(fw.max_line_bytes, fw.read_chunk_bytes),
             wanted=self._monitored if registered else None,
             monotonic=monotonic,
         )
         self.sources: list[Source] = [self.transcripts]
-        self.signals = StopSignals(es["shutdown_timeout_seconds"])
+        self.signals = StopSignals(es.shutdown_timeout_seconds)
         # the tree's real path: an alias through a symlink is the same tree
         real_root = os.path.realpath(config.projects_path)
         self.lock = self.store.lock(
@@ -148,7 +149,7 @@ class Service:
             self.config.source,
             mask_url(self.url),
             self.config.projects_path,
-            self.config.file_watcher["mode"],
+            self.config.file_watcher.mode,
             extra={"pid": os.getpid(), "state_dir": str(self.config.state_dir)},
         )
 
@@ -481,8 +482,8 @@ class Service:
     def _maybe_beat(self, now: float) -> None:
         if now < self._next_beat:
             return
-        self._next_beat = now + self.config.raw["health"]["heartbeat_interval_seconds"]
-        if self.config.file_watcher["mode"] == "registered" and self.db_ready:
+        self._next_beat = now + self.config.health.heartbeat_interval_seconds
+        if self.config.file_watcher.mode == "registered" and self.db_ready:
             with contextlib.suppress(Exception):
                 self.tracker.load(self.store.load_sessions())
                 self.transcripts.refilter()

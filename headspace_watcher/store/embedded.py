@@ -23,7 +23,8 @@ rest with care:
   an impostor asking for a cleartext or MD5 password gets nothing.
 
 Entry points: :class:`PgCluster` (tests, benchmarks), :func:`ensure_embedded` /
-:func:`embedded_url` (``just setup``, config) and :func:`serve` (circus), also reachable as
+:func:`embedded_url` (``just setup``), :func:`database_url` (the URL the service, the CLI and
+``status`` connect to) and :func:`serve` (circus), also reachable as
 ``python -m headspace_watcher.store.embedded ensure|serve|url``.
 """
 
@@ -52,13 +53,16 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
 from headspace_watcher.errors import ServerError
+
+if TYPE_CHECKING:  # only for annotations: ``serve`` (circus) never loads the config stack
+    from headspace_watcher.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -1158,6 +1162,19 @@ def embedded_url(
         reason = refusal.read_text(errors="replace").strip()
         raise PgServerError(f"the embedded PostgreSQL is not running: {reason}")
     return _pg_url(SERVICE_ROLE, read_service_password(state_dir), str(socket_dir), port, dbname)
+
+
+def database_url(config: Config) -> str:
+    """The URL the service connects to: the configured one, or the embedded server's — its
+    non-superuser service role over the private unix socket (never TCP, which another
+    local user could squat).
+
+    It lives here, not in the config: the configuration only says *which* database; finding
+    the embedded one (its socket, its password file) is the store's business.
+    """
+    if config.database.url is not None:
+        return config.database.url
+    return embedded_url(config.state_dir, config.database.embedded_port)
 
 
 def _relocated_data_dir(state_dir: Path) -> Path:
