@@ -38,6 +38,7 @@ CIRCUSCTL = BIN / "circusctl"
 SERVICE = "headspace-watcher"
 POSTGRES = "postgres"
 MAX_RESTARTS = 5  # event_system.max_restarts_per_minute in the test config
+STATE_DIR_VAR = "$(circus.env.HEADSPACE_STATE_DIR)"  # circus.ini's paths follow the state dir
 
 CRASHING_SERVICE = """#!/bin/sh
 echo "start $(date +%s.%N) $$" >> "{log}"
@@ -229,13 +230,17 @@ def test_ini_uses_only_owner_only_unix_sockets() -> None:
     assert "tcp://" not in text and "udp://" not in text
     ini = read_ini()
     circus = ini["circus"]
+    private = f"{STATE_DIR_VAR}/circus"
     for key in ("endpoint", "pubsub_endpoint", "stats_endpoint"):
-        assert circus.get(key, "ipc://var/circus/").startswith("ipc://var/circus/"), key
+        assert circus.get(key, f"ipc://{private}/").startswith(f"ipc://{private}/"), key
+    assert circus["pidfile"] == f"{private}/circusd.pid"
     assert circus["multicast_endpoint"].strip() == ""  # no UDP autodiscovery listener
     assert "httpd" not in circus or circus["httpd"].lower() in ("false", "0")
     for name in (POSTGRES, SERVICE):
         section = ini[f"watcher:{name}"]
-        assert section["stdout_stream.private_dirs"] == "var/circus"
+        assert section["stdout_stream.private_dirs"] == private
+        assert section["stdout_stream.filename"].startswith(f"{STATE_DIR_VAR}/log/")
+        assert section["stderr_stream.filename"].startswith(f"{STATE_DIR_VAR}/log/")
         assert section["hooks.before_spawn"] == "headspace_watcher.circus_hooks.before_spawn"
     assert ini[f"watcher:{POSTGRES}"]["stop_signal"] == "INT"
     assert ini[f"watcher:{SERVICE}"]["stop_signal"] == "TERM"
