@@ -19,6 +19,10 @@ watcher stop at once (``Watcher.spawn_processes`` → ``_stop()``), with nothing
 * :func:`wait_for_dependents` (``before_stop`` of postgres) — on shutdown, the database goes
   down only after the watchers ordered after it (lower priority) have exited, so the
   service's last batch can still commit.
+* :func:`quiet_shutdown` (``before_stop``, also called by the hook above) — when circusd
+  itself stops, its once-a-tick process check is stopped first: circus 0.19 keeps firing it
+  during the stop, where it collides with the stop's own command lock and tornado prints a
+  ``ConflictError`` traceback for every tick the stop takes longer than ``check_delay``.
 * :func:`after_reap` — a process exit that circus did not ask for is logged (WARNING).
 * :func:`remove_sockets_on_exit` (``after_stop`` of every watcher) — when circusd itself
   stops, its ipc socket files go with it (circus closes its zmq sockets but exits before
@@ -326,6 +330,19 @@ def before_start_postgres(watcher: Any, arbiter: Any, hook_name: str, **_: Any) 
         return True
 
 
+def quiet_shutdown(watcher: Any, arbiter: Any, hook_name: str, **_: Any) -> bool:
+    """``before_stop``: during circusd's own shutdown, stop its periodic process check (it
+    would only find the arbiter busy stopping, and log that as a traceback)."""
+    try:
+        if getattr(arbiter, "_stopping", False):
+            caller = getattr(getattr(arbiter, "ctrl", None), "caller", None)
+            if caller is not None:
+                caller.stop()
+    except Exception:
+        logger.exception("%s: before_stop hook failed", watcher.name)
+    return True
+
+
 def wait_for_dependents(watcher: Any, arbiter: Any, hook_name: str, **_: Any) -> bool:
     """``before_stop``: wait until the watchers ordered after this one (lower priority) that
     are stopping too have no live process, at most their ``graceful_timeout`` + 1 s.
@@ -335,6 +352,7 @@ def wait_for_dependents(watcher: Any, arbiter: Any, hook_name: str, **_: Any) ->
     Blocks circusd's loop for that long, which is fine during a stop.  A watcher stopped on
     its own (``circusctl stop postgres``) waits for nothing.
     """
+    quiet_shutdown(watcher, arbiter, hook_name)
     try:
         dependents = [
             w
