@@ -70,19 +70,24 @@ class ClientError(Exception):
 
 def embedded_not_running(config: Config) -> str | None:
     """Why the embedded server cannot be reached now, with how to start it; None when it
-    listens (or an external database is configured)."""
+    listens (or an external database is configured).  When its last start was refused
+    (port taken…), that reason is given first."""
     if not config.uses_embedded_database:
         return None
     port = int(config.raw["database"]["embedded_port"])
     try:
-        socket_file = embedded.embedded_socket_file(config.state_dir, port)
+        socket_file: Path | None = embedded.embedded_socket_file(config.state_dir, port)
     except OSError:
         socket_file = None
     if socket_file is not None and socket_file.exists():
         return None
+    try:
+        config.resolved_database_url()
+    except embedded.PgServerError as exc:  # a recorded refusal, or nothing set up yet
+        return f"{exc}; then {EMBEDDED_START_HINT}"
     return (
-        f"the embedded PostgreSQL of state dir {config.state_dir} is not running "
-        f"(no socket {socket_file}): {EMBEDDED_START_HINT}"
+        f"the embedded PostgreSQL is not running (state dir {config.state_dir}, no socket "
+        f"{socket_file}): {EMBEDDED_START_HINT}"
     )
 
 
