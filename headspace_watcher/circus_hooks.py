@@ -19,10 +19,21 @@ watcher stop at once (``Watcher.spawn_processes`` → ``_stop()``), with nothing
 * :func:`wait_for_dependents` (``before_stop`` of postgres) — on shutdown, the database goes
   down only after the watchers ordered after it (lower priority) have exited, so the
   service's last batch can still commit.
+* :func:`quiet_shutdown` (``before_stop``, also called by the hook above) — when circusd
+  itself stops, its once-a-tick process check is stopped first: circus 0.19 keeps firing it
+  during the stop, where it collides with the stop's own command lock and tornado prints a
+  ``ConflictError`` traceback for every tick the stop takes longer than ``check_delay``.
 * :func:`after_reap` — a process exit that circus did not ask for is logged (WARNING).
+* :func:`remove_sockets_on_exit` (``after_stop`` of every watcher) — when circusd itself
+  stops, its ipc socket files go with it (circus closes its zmq sockets but exits before
+  libzmq removes their files).
 * :class:`LogFileStream` — circus's size-rotating ``FileStream`` that creates its directory;
-  with ``private_dirs`` it also creates the control-socket directory owner-only (0700).
-  Circus builds the streams while it reads ``circus.ini``, before it binds its sockets.
+  with ``private_dirs`` it also creates the control-socket directory owner-only (0700), and
+  with ``circusd_pidfile`` it refuses a second circusd for the same state dir.  Circus builds
+  the streams while it reads ``circus.ini``, before it writes its pid file or binds its
+  sockets: the only place that runs that early.
+* :func:`main` (``python -m headspace_watcher.circus_hooks``, what ``just run`` uses, outside
+  circusd): the configured state dir, and circusd run as the terminal's foreground job.
 
 Hooks never raise: circus treats an exception in ``before_start``/``before_spawn`` as a
 refusal, and a bug here must not stop a healthy service.
@@ -30,14 +41,17 @@ refusal, and a bug here must not stop a healthy service.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import stat
+import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +166,7 @@ def before_spawn(watcher: Any, arbiter: Any, hook_name: str, **_: Any) -> bool:
         logger.error(
             "%s: crash loop: it exited again after %d restarts within %g s "
             "(event_system.max_restarts_per_minute = %d); circus will not restart it, it "
-            "stays stopped. Fix the cause (see var/log/%s.*.log), then: circusctl start %s",
+            "stays stopped. Fix the cause (see <state dir>/log/%s.*.log), then: circusctl start %s",
             watcher.name,
             budget.max_restarts,
             budget.window,
@@ -189,6 +203,26 @@ def after_reap(
             )
     except Exception:
         logger.exception("after_reap hook failed")
+    return True
+
+
+def remove_sockets_on_exit(watcher: Any, arbiter: Any, hook_name: str, **_: Any) -> bool:
+    """``after_stop``: once circusd is shutting down and no watcher runs any more, remove
+    the files of its ipc endpoints, so a stopped circus leaves no socket behind (a client
+    then learns at once that nothing listens, instead of timing out)."""
+    try:
+        if not getattr(arbiter, "_stopping", False):
+            return True  # `circusctl stop NAME`: circusd keeps running and listening
+        if any(not w.is_stopped() for w in getattr(arbiter, "watchers", []) if w is not watcher):
+            return True  # the last watcher to stop cleans up
+        for endpoint in (arbiter.endpoint, arbiter.pubsub_endpoint, arbiter.stats_endpoint):
+            if endpoint and endpoint.startswith("ipc://"):
+                path = Path(endpoint[len("ipc://") :])
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(path.lstat().st_mode):
+                        path.unlink()
+    except Exception:
+        logger.exception("after_stop hook failed")
     return True
 
 
@@ -296,6 +330,19 @@ def before_start_postgres(watcher: Any, arbiter: Any, hook_name: str, **_: Any) 
         return True
 
 
+def quiet_shutdown(watcher: Any, arbiter: Any, hook_name: str, **_: Any) -> bool:
+    """``before_stop``: during circusd's own shutdown, stop its periodic process check (it
+    would only find the arbiter busy stopping, and log that as a traceback)."""
+    try:
+        if getattr(arbiter, "_stopping", False):
+            caller = getattr(getattr(arbiter, "ctrl", None), "caller", None)
+            if caller is not None:
+                caller.stop()
+    except Exception:
+        logger.exception("%s: before_stop hook failed", watcher.name)
+    return True
+
+
 def wait_for_dependents(watcher: Any, arbiter: Any, hook_name: str, **_: Any) -> bool:
     """``before_stop``: wait until the watchers ordered after this one (lower priority) that
     are stopping too have no live process, at most their ``graceful_timeout`` + 1 s.
@@ -305,6 +352,7 @@ def wait_for_dependents(watcher: Any, arbiter: Any, hook_name: str, **_: Any) ->
     Blocks circusd's loop for that long, which is fine during a stop.  A watcher stopped on
     its own (``circusctl stop postgres``) waits for nothing.
     """
+    quiet_shutdown(watcher, arbiter, hook_name)
     try:
         dependents = [
             w
@@ -354,13 +402,59 @@ def ensure_private_dir(path: Path | str) -> Path:
     return path
 
 
+_UNSET_STATE_DIR = "$(circus.env."
+
+
+def _require_substituted(*paths: str) -> None:
+    """circus leaves ``$(circus.env.X)`` as it is when X is unset: refuse to create a
+    directory literally named so, and say what to set."""
+    if any(_UNSET_STATE_DIR in p.lower() for p in paths if p):
+        raise SystemExit(
+            "circusd: HEADSPACE_STATE_DIR is not set; circus.ini puts its sockets and logs "
+            "in the state dir. Start it with `just run`, or set HEADSPACE_STATE_DIR "
+            "(systemd: Environment=) to the state dir (health.state_dir, default var/ in "
+            "the checkout)"
+        )
+
+
+def _is_circusd(pid: int) -> bool:
+    try:
+        return b"circusd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def refuse_second_circusd(pidfile: Path | str) -> None:
+    """SystemExit naming the live circusd when ``pidfile`` belongs to another running
+    circusd; a pid file of a dead one (or of a recycled pid) is removed, so circus's own
+    check does not call it "stale" and give up."""
+    pidfile = Path(pidfile)
+    try:
+        pid = int(pidfile.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if pid == os.getpid() or pid <= 0:
+        return  # a reload of this circusd
+    if _is_circusd(pid):
+        endpoint = pidfile.parent / "endpoint"
+        raise SystemExit(
+            f"circusd: another circusd (pid {pid}) already runs for this state dir "
+            f"({pidfile.parent.parent}); `just status` shows it. Stop it first (Ctrl-C in its "
+            f"terminal, or: circusctl --endpoint ipc://{endpoint} quit), or give this one its "
+            "own HEADSPACE_STATE_DIR"
+        )
+    with contextlib.suppress(OSError):
+        pidfile.unlink()
+
+
 class LogFileStream(FileStream):
     """circus's ``FileStream`` (size rotation with ``max_bytes`` / ``backup_count``) that
     creates the directory of its file (0700 when new).
 
     ``private_dirs`` (whitespace-separated) are created owner-only as well: circus builds
     stream objects while it loads circus.ini, before it binds its ipc endpoints, so this is
-    where ``var/circus`` is made 0700 in time.
+    where the control-socket directory is made 0700 in time.  ``circusd_pidfile``: refuse
+    to start while another circusd runs for it (:func:`refuse_second_circusd`).
     """
 
     def __init__(
@@ -370,10 +464,14 @@ class LogFileStream(FileStream):
         backup_count: int | str = 0,
         time_format: str | None = None,
         private_dirs: str = "",
+        circusd_pidfile: str = "",
         **kwargs: Any,
     ) -> None:
+        _require_substituted(filename or "", private_dirs, circusd_pidfile)
         for directory in private_dirs.split():
             ensure_private_dir(directory)
+        if circusd_pidfile:
+            refuse_second_circusd(circusd_pidfile)
         if filename:
             Path(filename).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         super().__init__(
@@ -383,3 +481,108 @@ class LogFileStream(FileStream):
             time_format=time_format,
             **kwargs,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# `just run`: the state dir, and circusd as the terminal's foreground job
+# --------------------------------------------------------------------------------------------
+
+
+def configured_state_dir() -> Path:
+    """The state dir of the configuration (``HEADSPACE_STATE_DIR``, ``health.state_dir``,
+    default ``var/``), the one ``just run`` hands to circusd."""
+    from headspace_watcher.config import load_config
+
+    return load_config().state_dir
+
+
+def _controlling_tty() -> int | None:
+    """Our terminal, when we are its foreground job (an interactive ``just run``)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.tcgetpgrp(fd) == os.getpgrp():
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _hand_terminal(fd: int, pgrp: int) -> None:
+    """Make ``pgrp`` the terminal's foreground job (SIGTTOU ignored: we may be in the
+    background by then)."""
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(fd, pgrp)
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
+
+
+def run_circusd(circusd: str, args: Sequence[str]) -> int:
+    """Run circusd so that Ctrl-C reaches circusd alone, once.
+
+    In a terminal, Ctrl-C signals the whole foreground job: ``just``, which then ends with
+    "error: interrupted by SIGINT" (exit 130) whatever circusd does, and forwards the signal
+    to circusd a second time (a second stop while the first runs: circus's ConflictError
+    traceback).  So circusd gets its own process group and the terminal; we wait for it
+    outside the foreground job, then hand the terminal back and return circusd's code.
+    Without a terminal (systemd, tests) circusd simply replaces this process.
+    """
+    argv = [circusd, *args]
+    tty = _controlling_tty()
+    if tty is None:
+        os.execv(circusd, argv)
+    own = os.getpgrp()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child execs at once
+        try:
+            os.setpgid(0, 0)
+            _hand_terminal(tty, os.getpgrp())
+            os.close(tty)
+            os.execv(circusd, argv)
+        finally:
+            os._exit(127)
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)  # also here: no window in which circusd is in our group
+    for forwarded in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(forwarded, lambda signum, _frame: os.kill(pid, signum))
+    try:
+        while True:
+            try:
+                _, wait_status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        with contextlib.suppress(OSError):
+            _hand_terminal(tty, own)
+        os.close(tty)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``state-dir``: print the configured state dir; ``circusd ARGS``: :func:`run_circusd`
+    with the circusd next to this interpreter."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["state-dir"]:
+        from headspace_watcher.config import ConfigError
+
+        try:
+            print(configured_state_dir())
+        except ConfigError as exc:
+            print(f"headspace-watcher: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args[:1] == ["circusd"]:
+        return run_circusd(str(Path(sys.executable).parent / "circusd"), args[1:])
+    print(
+        "usage: python -m headspace_watcher.circus_hooks state-dir | circusd ARGS…", file=sys.stderr
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,8 @@ import contextlib
 import itertools
 import os
 import re
+import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -38,6 +40,7 @@ CIRCUSCTL = BIN / "circusctl"
 SERVICE = "headspace-watcher"
 POSTGRES = "postgres"
 MAX_RESTARTS = 5  # event_system.max_restarts_per_minute in the test config
+STATE_DIR_VAR = "$(circus.env.HEADSPACE_STATE_DIR)"  # circus.ini's paths follow the state dir
 
 CRASHING_SERVICE = """#!/bin/sh
 echo "start $(date +%s.%N) $$" >> "{log}"
@@ -49,6 +52,8 @@ echo "start $(date +%s.%N) $$" >> "{log}"
 trap 'sleep 0.5; echo "exit $(date +%s.%N)" >> "{log}"; exit 0' TERM
 while :; do sleep 0.05; done
 """
+# Takes longer to stop than circus's check_delay (1 s) tick, by construction.
+SLOW_STOP_SERVICE = STABLE_SERVICE.replace("sleep 0.5;", "sleep 1.5;")
 FAKE_POSTGRES = """#!/bin/sh
 echo "start $(date +%s.%N) $*" >> "{log}"
 trap 'echo "int $(date +%s.%N)" >> "{log}"; exit 0' INT
@@ -60,9 +65,15 @@ EXTERNAL_URL = "postgresql+psycopg://someone:s3cret-pw@127.0.0.1:5999/elsewhere"
 class Circus:
     """One circusd in ``root`` running the test copy of circus.ini."""
 
-    def __init__(self, root: Path, service_script: str, env_extra: dict[str, str]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        service_script: str,
+        env_extra: dict[str, str],
+        state_dir: Path | None = None,
+    ) -> None:
         self.root = root
-        self.var = root / "var"
+        self.var = state_dir or root / "var"
         self.endpoint = f"ipc://{self.var / 'circus' / 'endpoint'}"
         self.log_path = root / "circusd.log"
         self.service_log = root / "service.starts"
@@ -191,9 +202,12 @@ def write_test_ini(path: Path, *, service: Path, postgres: Path) -> Path:
 
 @contextlib.contextmanager
 def running_circus(
-    root: Path, service_script: str, env_extra: dict[str, str] | None = None
+    root: Path,
+    service_script: str,
+    env_extra: dict[str, str] | None = None,
+    state_dir: Path | None = None,
 ) -> Iterator[Circus]:
-    circus = Circus(root, service_script, env_extra or {})
+    circus = Circus(root, service_script, env_extra or {}, state_dir)
     try:
         circus.wait_ready()
         yield circus
@@ -229,13 +243,17 @@ def test_ini_uses_only_owner_only_unix_sockets() -> None:
     assert "tcp://" not in text and "udp://" not in text
     ini = read_ini()
     circus = ini["circus"]
+    private = f"{STATE_DIR_VAR}/circus"
     for key in ("endpoint", "pubsub_endpoint", "stats_endpoint"):
-        assert circus.get(key, "ipc://var/circus/").startswith("ipc://var/circus/"), key
+        assert circus.get(key, f"ipc://{private}/").startswith(f"ipc://{private}/"), key
+    assert circus["pidfile"] == f"{private}/circusd.pid"
     assert circus["multicast_endpoint"].strip() == ""  # no UDP autodiscovery listener
     assert "httpd" not in circus or circus["httpd"].lower() in ("false", "0")
     for name in (POSTGRES, SERVICE):
         section = ini[f"watcher:{name}"]
-        assert section["stdout_stream.private_dirs"] == "var/circus"
+        assert section["stdout_stream.private_dirs"] == private
+        assert section["stdout_stream.filename"].startswith(f"{STATE_DIR_VAR}/log/")
+        assert section["stderr_stream.filename"].startswith(f"{STATE_DIR_VAR}/log/")
         assert section["hooks.before_spawn"] == "headspace_watcher.circus_hooks.before_spawn"
     assert ini[f"watcher:{POSTGRES}"]["stop_signal"] == "INT"
     assert ini[f"watcher:{SERVICE}"]["stop_signal"] == "TERM"
@@ -333,6 +351,135 @@ def test_shutdown_stops_postgres_after_the_service(tmp_path: Path) -> None:
         postgres_int = [float(f[0]) for f in c.lines(c.postgres_log, "int")]
         assert len(service_exit) == 1 and len(postgres_int) == 1, c.log()
         assert postgres_int[0] >= service_exit[0]
+        # a stopped circus leaves no socket (nor pid file) behind
+        assert sorted(p.name for p in (c.var / "circus").iterdir()) == [], c.log()
+
+
+def test_logs_sockets_and_pid_file_follow_the_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "elsewhere" / "state"
+    with running_circus(tmp_path, STABLE_SERVICE, state_dir=state) as c:
+        assert stat.S_ISSOCK((state / "circus" / "endpoint").stat().st_mode)
+        assert int((state / "circus" / "circusd.pid").read_text()) == c.proc.pid
+        wait_for(
+            lambda: (state / "log" / "headspace-watcher.out.log").exists(), "the log", timeout=10
+        )
+        assert (state / "log" / "postgres.err.log").exists()
+        assert not (tmp_path / "var").exists()  # nothing relative to circusd's cwd
+
+
+def test_circusd_without_a_state_dir_refuses_clearly(tmp_path: Path) -> None:
+    write_test_ini(tmp_path / "circus.ini", service=Path("/bin/true"), postgres=Path("/bin/true"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSPACE_")}
+    done = subprocess.run(
+        [str(CIRCUSD), "circus.ini"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "HEADSPACE_STATE_DIR is not set" in done.stdout + done.stderr
+    assert "just run" in done.stdout + done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["circus.ini"]  # no "$(circus.env…" dir
+
+
+def test_a_second_circusd_for_the_same_state_dir_is_refused_clearly(
+    embedded_db: Circus,
+) -> None:
+    c = embedded_db
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSPACE_")}
+    env.update(HEADSPACE_STATE_DIR=str(c.var), HEADSPACE_CONFIG=str(c.root / "config.yaml"))
+    second = subprocess.run(
+        [str(CIRCUSD), "circus.ini"], cwd=c.root, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    out = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert f"another circusd (pid {c.proc.pid}) already runs for this state dir" in out, out
+    assert "stale" not in out
+    assert c.status(SERVICE) == "active"  # the first one keeps its sockets and processes
+    assert int((c.var / "circus" / "circusd.pid").read_text()) == c.proc.pid
+
+
+JUSTFILE_RUN = """run:
+    exec {python} -m headspace_watcher.circus_hooks circusd circus.ini
+"""
+
+
+@pytest.mark.skipif(shutil.which("just") is None, reason="needs just")
+def test_ctrl_c_in_a_terminal_stops_just_run_cleanly_with_exit_0(tmp_path: Path) -> None:
+    """`just run`'s recipe line under real `just` in a pseudo-terminal: Ctrl-C reaches
+    circusd once, circus stops everything, and just exits 0 without "interrupted"."""
+    import pty
+
+    script = tmp_path / "service.sh"
+    # its stop outlasts a tick of circus's process check (circus then raced its own stop)
+    script.write_text(SLOW_STOP_SERVICE.format(log=tmp_path / "service.starts"))
+    postgres = tmp_path / "postgres.sh"
+    postgres.write_text(FAKE_POSTGRES.format(log=tmp_path / "postgres.starts"))
+    for path in (script, postgres):
+        path.chmod(0o755)
+    (tmp_path / "config.yaml").write_text("database:\n  url: null\n")
+    write_test_ini(tmp_path / "circus.ini", service=script, postgres=postgres)
+    (tmp_path / "Justfile").write_text(JUSTFILE_RUN.format(python=sys.executable))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSPACE_")}
+    env.update(
+        HEADSPACE_STATE_DIR=str(tmp_path / "var"), HEADSPACE_CONFIG=str(tmp_path / "config.yaml")
+    )
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child execs
+        os.chdir(tmp_path)
+        os.execvpe("just", ["just", "run"], env)
+    output = bytearray()
+
+    def read_some() -> bool:
+        with contextlib.suppress(OSError):
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                output.extend(os.read(fd, 65536))
+        return b"headspace-watcher started" in output
+
+    try:
+        wait_for(read_some, "circusd to start both watchers", timeout=30)
+        os.write(fd, b"\x03")  # Ctrl-C
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            read_some()
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+        else:
+            raise AssertionError(f"just run did not stop:\n{output.decode(errors='replace')}")
+        for _ in range(20):  # what is still buffered in the terminal
+            with contextlib.suppress(OSError):
+                if not select.select([fd], [], [], 0.05)[0] or not os.read(fd, 65536):
+                    break
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "interrupted" not in text and "Traceback" not in text, text
+    assert text.count("Got signal SIG_INT") == 1, text
+    assert [p.name for p in (tmp_path / "var" / "circus").iterdir()] == [], text
+
+
+def test_just_status_while_stopped_is_one_friendly_line_per_part(tmp_path: Path) -> None:
+    if shutil.which("just") is None:
+        pytest.skip("needs just")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "database:\n  url: postgresql+psycopg://u:p@127.0.0.1:9/x\n  connect_timeout_seconds: 1\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSPACE_")}
+    env.update(HEADSPACE_STATE_DIR=str(tmp_path / "state"), HEADSPACE_CONFIG=str(config))
+    done = subprocess.run(
+        ["just", "status"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 3, out
+    assert f"circus: not running (no control socket {tmp_path / 'state'}/circus/endpoint)" in out
+    assert "Timed out" not in out and "usage:" not in out.lower(), out
+    assert "state: stopped" in out and "error: recipe" not in out
 
 
 # --------------------------------------------------------------------------------------------

@@ -365,12 +365,14 @@ def test_run_once_twice_the_second_stores_nothing(watcher, db_engine, exactly_on
     exactly_once(db_engine, watcher.root, max_line_bytes=watcher.max_line_bytes)
 
 
-def test_once_with_a_missing_projects_path_exits_0_storing_nothing(watcher, db_engine) -> None:
-    watcher.root.rmdir()
+def test_once_with_a_missing_projects_path_is_an_error_storing_nothing(watcher, db_engine) -> None:
+    from headspace_watcher.config import ConfigError
 
-    service = watcher.run_once()
+    watcher.root.rmdir()  # issue 11: a mistyped path must not report "caught up"
 
-    assert service.exit_code == 0
+    with pytest.raises(ConfigError, match=r"projects path .* does not exist"):
+        watcher.run_once()
+
     assert table_counts(db_engine)["events"] == 0
     assert table_counts(db_engine)["sources"] == 0
 

@@ -9,6 +9,7 @@ watcher, and does the database answer now.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -19,7 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from headspace_watcher.config import Config, mask_url, redact_text
+from headspace_watcher.config import (
+    ENV_PROJECTS_PATH,
+    ENV_STATE_DIR,
+    PROJECT_ROOT,
+    Config,
+    mask_url,
+    redact_text,
+)
 from headspace_watcher.errors import AnotherInstance
 from headspace_watcher.store import Store
 from headspace_watcher.store.embedded import database_url
@@ -129,8 +137,63 @@ def database_reachable(url: str, timeout: int = 3) -> bool:
         store.close()
 
 
+def running_state_dirs(checkout: Path = PROJECT_ROOT) -> list[tuple[int, Path]]:
+    """``(pid, state dir)`` of every live service started from ``checkout``'s console script,
+    found by the lock file each one holds open for its whole life (no pointer file that
+    could go stale): the service, however its state dir was chosen, is found."""
+    prefix = f"{checkout}/".encode()
+    found: list[tuple[int, Path]] = []
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return found
+    for name in entries:
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            if not any(arg.startswith(prefix) for arg in argv[:2]):
+                continue
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                target = os.readlink(f"/proc/{name}/fd/{fd}")
+                if target.endswith(f"/{LOCK_FILE}"):
+                    found.append((int(name), Path(target).parent))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found
+
+
+def _locate(config: Config) -> tuple[Config, dict[str, str]]:
+    """The config whose state dir holds the running service, and what to tell the user.
+
+    A state dir chosen explicitly (``HEADSPACE_STATE_DIR``, ``health.state_dir``) is the
+    one looked at.  With the default one and nothing running there, a service of this
+    checkout running with another state dir is the one reported, saying so; several are
+    listed instead, with how to pick one.
+    """
+    pid = read_pid(config.state_dir)
+    if pid is not None and pid_is_watcher(pid):
+        return config, {}
+    others = sorted({d for _, d in running_state_dirs() if d != config.state_dir})
+    explicit = config.state_dir != (PROJECT_ROOT / "var").resolve()
+    if len(others) == 1 and not explicit:
+        note = (
+            f"nothing runs with the default state dir {config.state_dir}; reporting the "
+            f"service running with state dir {others[0]}"
+        )
+        moved = dataclasses.replace(config.health, state_dir=others[0])
+        return dataclasses.replace(config, health=moved), {"note": note}
+    if others:
+        where = ", ".join(str(d) for d in others)
+        hint = (
+            f"no service in state dir {config.state_dir}, but one runs with {where}: "
+            f"{ENV_STATE_DIR}=<that dir> headspace-watcher status"
+        )
+        return config, {"hint": hint}
+    return config, {}
+
+
 def status(config: Config, *, check_database: bool = True) -> dict[str, Any]:
     """The health dict (also the API for a future ``/health`` endpoint)."""
+    config, notes = _locate(config)
     pid = read_pid(config.state_dir)
     running = pid is not None and pid_is_watcher(pid)
     report: dict[str, Any] = {
@@ -155,6 +218,8 @@ def status(config: Config, *, check_database: bool = True) -> dict[str, Any]:
         if report.get("started_at"):
             started = datetime.fromisoformat(report["started_at"])
             report["uptime_seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
+    report["state_dir"] = str(config.state_dir)
+    report.update(notes)
     if check_database:
         try:
             url = database_url(config)
@@ -167,6 +232,12 @@ def status(config: Config, *, check_database: bool = True) -> dict[str, Any]:
         report["state"] = "healthy" if healthy and not stale else "degraded"
         if stale:
             report["reason"] = "the service has not reported for a while"
+        if report.get("projects_path_present") is False:
+            problem = report.get("projects_path_problem") or "does not exist"
+            report["waiting_for"] = (
+                f"the projects path {report['projects_path']} ({problem}): create it, or set "
+                f"{ENV_PROJECTS_PATH} / file_watcher.projects_path and restart"
+            )
     return report
 
 
@@ -181,11 +252,23 @@ def _stale(report: dict[str, Any], config: Config) -> bool:
 def _database_label(config: Config) -> str:
     if config.database.url:
         return mask_url(config.database.url)
-    return f"embedded PostgreSQL (127.0.0.1:{config.database.embedded_port})"
+    port = config.database.embedded_port
+    return f"embedded PostgreSQL (unix socket in {config.state_dir}, port {port})"
 
 
 def exit_code(report: dict[str, Any]) -> int:
     return {"healthy": EXIT_HEALTHY, "degraded": EXIT_DEGRADED}.get(report["state"], EXIT_STOPPED)
+
+
+def _shown(value: Any) -> str:
+    """A value for people: yes/no for flags, a dash for "not known", redacted text."""
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    if value is None:
+        return "\u2014"
+    return redact_text(str(value))
 
 
 def render(report: dict[str, Any]) -> str:
@@ -205,7 +288,11 @@ def render(report: dict[str, Any]) -> str:
         "sessions_watched",
         "files_watched",
         "projects_path",
+        "waiting_for",
+        "state_dir",
         "last_error",
         "reason",
+        "note",
+        "hint",
     ]
-    return "\n".join(f"{k:>18}: {redact_text(str(report[k]))}" for k in keys if k in report)
+    return "\n".join(f"{k:>18}: {_shown(report[k])}" for k in keys if k in report)

