@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 KIND = "transcript"
 HELD_RETRY_MAX_S = 300.0
 OUTSIDE_TREE_REASON = "outside_tree: symlink or path outside the projects root; not read"
-PREFETCH_MAX = 1000
+REGISTER_MAX = 1000  # new files registered in one transaction
 
 
 @dataclass(slots=True)
@@ -101,6 +101,8 @@ class TranscriptSource:
         self._closed: list[str] = []
         self._monotonic = monotonic
         self.held: dict[str, Held] = {}
+        # checkpoints handed over in bulk for files not tracked yet (taken by ``_track``)
+        self._known: dict[str, StreamState] = {}
 
     # ------------------------------------------------------------------ what is new
     def start(self) -> None:
@@ -147,7 +149,7 @@ class TranscriptSource:
         Deletions seen meanwhile are acted on afterwards (``closed_sessions``).
         """
         chunks: list[Chunk] = []
-        self._prefetch()
+        self._register_new()
         for path in list(self.dirty):
             if budget.exhausted:
                 break
@@ -161,6 +163,8 @@ class TranscriptSource:
         for path in self._deleted:
             self._file_deleted(path)
         self._deleted.clear()
+        if not self.dirty:  # backlog done: what is still known is of files gone meanwhile
+            self._known.clear()
         return chunks
 
     def _read_file(self, path: str, budget: Budget) -> Chunk | None:
@@ -260,27 +264,34 @@ class TranscriptSource:
             return None
         self.unwatched.discard(path)
         ident = identity(path)
-        state = self.checkpoints.register(path, ident.inode, ident.device)
+        state = self._known.pop(path, None)
+        if state is None:
+            state = self.checkpoints.register(path, ident.inode, ident.device)
         state = self._reconcile(state, path, ident.inode, ident.device, ident.size)
         tf = TrackedFile(path, ctx, state, size=ident.size)
         self.files[path] = tf
         return tf
 
-    def _prefetch(self) -> None:
-        """Register the checkpoints of many new files in one transaction (a catch-up of a
-        tree), instead of one transaction each in ``_track``."""
-        if self._wanted is not None:
+    def _register_new(self) -> None:
+        """Checkpoints of new dirty files in bulk (a catch-up of a tree): one transaction
+        per ``REGISTER_MAX`` files instead of one each in ``_track``; each file stat'ed once.
+
+        Files already known (``_known``: from the store at connect, or registered earlier)
+        need no round trip at all.
+        """
+        if self._wanted is not None:  # registered mode: whether to read it is decided first
             return
         new: list[tuple[str, int, int]] = []
         for path in self.dirty:
-            if path not in self.files and not self.checkpoints.prefetched(path):
-                with contextlib.suppress(OSError):
-                    ident = identity(path)
-                    new.append((path, ident.inode, ident.device))
-                if len(new) >= PREFETCH_MAX:
-                    break
+            if path in self.files or path in self._known:
+                continue
+            with contextlib.suppress(OSError):  # gone: ``_track`` finds out
+                ident = identity(path)
+                new.append((path, ident.inode, ident.device))
+            if len(new) >= REGISTER_MAX:
+                break
         if len(new) > 1:
-            self.checkpoints.prefetch(new)
+            self._known.update(self.checkpoints.register_many(new))
 
     def _reconcile(
         self, state: StreamState, path: str, inode: int, device: int, size: int
@@ -323,9 +334,15 @@ class TranscriptSource:
             self.dirty[c.path] = None
 
     def reload(self, states: dict[str, StreamState]) -> None:
-        for tf in self.files.values():
-            if tf.path in states:
-                tf.source = states[tf.path]
+        """Adopt the store's checkpoints: tracked files at once, dirty untracked ones when
+        they are tracked (so a known file needs no round trip of its own)."""
+        self._known.clear()
+        for path, state in states.items():
+            tf = self.files.get(path)
+            if tf is not None:
+                tf.source = state
+            elif path in self.dirty:
+                self._known[path] = state
 
     def reload_from_store(self, chunks: list[Chunk]) -> None:
         """After a conflict: the checkpoints of these files as the store has them now."""
@@ -373,6 +390,7 @@ class TranscriptSource:
     # ------------------------------------------------------------------ deletions
     def _file_deleted(self, path: str) -> None:
         self.dirty.pop(path, None)
+        self._known.pop(path, None)
         self.held.pop(path, None)
         tf = self.files.pop(path, None)
         if tf is None:
