@@ -22,31 +22,57 @@ def lifecycle_key(event_type: str, session_uuid: str, epoch: int) -> str:
 
 
 class SessionTracker:
+    """Active sessions in full; ended ones compactly (their epoch, for when they reappear):
+    a tree of years of sessions costs a few dozen bytes per ended one, not a row each."""
+
     def __init__(self, inactivity_timeout: float) -> None:
         self.timeout = timedelta(seconds=inactivity_timeout)
-        self._known: dict[str, SessionInfo] = {}
+        self._active: dict[str, SessionInfo] = {}
+        self._ended: dict[str, int] = {}  # session → epoch of its last registration
+        self._ended_monitored: set[str] = set()  # registered mode: ended but still monitored
         self._staged: dict[str, SessionInfo] = {}
         self._next: datetime | None = None
 
     # ---------------------------------------------------------------- state
     def load(self, infos: Iterable[SessionInfo]) -> None:
         """Adopt the durable state, so a restart neither re-registers nor forgets timers."""
-        self._known = {i.session_uuid: i for i in infos}
+        self._active, self._ended, self._ended_monitored = {}, {}, set()
+        for info in infos:
+            self._adopt(info)
         self._refresh_next()
 
+    def _adopt(self, info: SessionInfo) -> None:
+        uuid = info.session_uuid
+        if info.state == "active":
+            self._active[uuid] = info
+            self._ended.pop(uuid, None)
+            self._ended_monitored.discard(uuid)
+            return
+        self._active.pop(uuid, None)
+        self._ended[uuid] = info.epoch
+        if info.monitored:
+            self._ended_monitored.add(uuid)
+        else:
+            self._ended_monitored.discard(uuid)
+
     def get(self, session_uuid: str) -> SessionInfo | None:
-        return self._staged.get(session_uuid) or self._known.get(session_uuid)
+        """The session if active or decided in the batch being built; None if ended."""
+        return self._staged.get(session_uuid) or self._active.get(session_uuid)
+
+    def is_active(self, session_uuid: str) -> bool:
+        return session_uuid in self._active
 
     def monitored(self) -> set[str]:
-        return {k for k, v in self._known.items() if v.monitored}
+        return {k for k, v in self._active.items() if v.monitored} | self._ended_monitored
 
     @property
     def active_count(self) -> int:
-        return sum(1 for i in self._known.values() if i.state == "active")
+        return len(self._active)
 
     def commit(self) -> None:
         if self._staged:
-            self._known.update(self._staged)
+            for info in self._staged.values():
+                self._adopt(info)
             self._staged.clear()
             self._refresh_next()
 
@@ -55,14 +81,13 @@ class SessionTracker:
 
     def forget(self, session_uuid: str) -> None:
         """Drop the cached view (e.g. after a guard failed) so the next load is authoritative."""
-        self._known.pop(session_uuid, None)
+        self._active.pop(session_uuid, None)
+        self._ended.pop(session_uuid, None)
+        self._ended_monitored.discard(session_uuid)
         self._refresh_next()
 
     def _refresh_next(self) -> None:
-        self._next = min(
-            (i.last_activity_at for i in self._known.values() if i.state == "active"),
-            default=None,
-        )
+        self._next = min((i.last_activity_at for i in self._active.values()), default=None)
 
     # ---------------------------------------------------------------- decisions
     def observe(
@@ -96,16 +121,12 @@ class SessionTracker:
                 )
             self._staged[session_uuid] = info
             return None, SessionChange("activity", info, current.epoch)
-        epoch = current.epoch + 1 if current else 1
-        info = SessionInfo(
-            session_uuid,
-            "active",
-            epoch,
-            at,
-            at,
-            project_path,
-            current.monitored if current else False,
-        )
+        if current is not None:  # ended in this very batch
+            epoch, monitored = current.epoch + 1, current.monitored
+        else:
+            epoch = self._ended.get(session_uuid, 0) + 1
+            monitored = session_uuid in self._ended_monitored
+        info = SessionInfo(session_uuid, "active", epoch, at, at, project_path, monitored)
         self._staged[session_uuid] = info
         path = project_path or working_directory or "unknown"
         event = Event(
@@ -146,8 +167,8 @@ class SessionTracker:
             return []
         return sorted(
             (i.session_uuid, i.last_activity_at + self.timeout)
-            for i in self._known.values()
-            if i.state == "active" and i.last_activity_at + self.timeout <= now
+            for i in self._active.values()
+            if i.last_activity_at + self.timeout <= now
         )
 
     def next_deadline(self) -> datetime | None:

@@ -90,6 +90,7 @@ class Service:
             self.store.checkpoints,
             ReadLimits(fw["max_line_bytes"], fw["read_chunk_bytes"]),
             wanted=self._monitored if registered else None,
+            settled=self._settled,
             monotonic=monotonic,
         )
         self.sources: list[Source] = [self.transcripts]
@@ -429,6 +430,12 @@ class Service:
         session = ctx.session_hint or first_session_id(path, str(self.config.projects_path))
         return session is not None and session in self.tracker.monitored()
 
+    def _settled(self, ctx: FileContext) -> bool:
+        """A caught-up file whose session is over (or that names none: a 2.0.x sub-agent's)
+        needs no state in memory: the source forgets it until it changes again."""
+        session = ctx.session_hint
+        return session is None or not self.tracker.is_active(session)
+
     def _end_closed_sessions(self) -> None:
         """A session whose own transcript file was deleted has ended (reason ``closed``)."""
         if not self.db_ready:
@@ -475,6 +482,7 @@ class Service:
             self.tracker.load(self.store.load_sessions())
         for session, reason, _at in ends:
             log.info("session ended", extra={"session_uuid": session, "reason": reason})
+        self.transcripts.forget_settled()
         return True
 
     # ================================================================== health

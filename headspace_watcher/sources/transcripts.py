@@ -86,6 +86,7 @@ class TranscriptSource:
         limits: ReadLimits,
         *,
         wanted: Callable[[str, FileContext], bool] | None = None,
+        settled: Callable[[FileContext], bool] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
@@ -94,6 +95,7 @@ class TranscriptSource:
         self.watcher = TreeWatcher(root)
         self._root = str(root)
         self._wanted = wanted
+        self._settled = settled
         self.files: dict[str, TrackedFile] = {}
         self.dirty: dict[str, None] = {}  # insertion-ordered set: fair round robin
         self.unwatched: set[str] = set()  # registered mode: files of sessions not monitored
@@ -197,6 +199,7 @@ class TranscriptSource:
         if not res.more:
             self.dirty.pop(path, None)
         if res.end_offset == tf.source.committed_offset:
+            self._forget_if_settled(tf)
             return None
         return Chunk(
             KIND,
@@ -314,6 +317,28 @@ class TranscriptSource:
         )
         return self.checkpoints.new_generation(state, inode, device)
 
+    def forget_settled(self) -> int:
+        """Drop the state of every settled file (see ``_forget_if_settled``); how many.
+
+        For after sessions ended: what a tree of years of ended sessions costs in memory
+        is then nothing per file, not a tracked file each.
+        """
+        before = len(self.files)
+        for tf in list(self.files.values()):
+            self._forget_if_settled(tf)
+        return before - len(self.files)
+
+    def _forget_if_settled(self, tf: TrackedFile) -> None:
+        """Forget a file that is caught up (no partial line, checkpoint = its size at the
+        last read) and whose session is over (``settled``): its checkpoint is in the store,
+        so its next change re-creates it from there (one registration) and reads on."""
+        if self._settled is None or tf.path in self.dirty or tf.path in self.held:
+            return
+        if tf.error is not None or tf.partial or tf.scan is not None:
+            return
+        if tf.size == tf.source.committed_offset and self._settled(tf.ctx):
+            del self.files[tf.path]
+
     # ------------------------------------------------------------------ after the store
     def committed(self, chunks: list[Chunk]) -> None:
         for c in chunks:
@@ -393,10 +418,10 @@ class TranscriptSource:
         self._known.pop(path, None)
         self.held.pop(path, None)
         tf = self.files.pop(path, None)
-        if tf is None:
-            return
-        session = tf.ctx.session_hint
-        if tf.ctx.subagent_hint is None and session and Path(path).stem == session:
+        # a forgotten (settled) file has no state left: its path still names its session
+        ctx = tf.ctx if tf is not None else file_context(path, self.root)
+        session = ctx.session_hint
+        if ctx.subagent_hint is None and session and Path(path).stem == session:
             self._closed.append(session)
 
     def closed_sessions(self) -> list[str]:
