@@ -13,13 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Connection, text
 
 from headspace_watcher.records import Event
 from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.rows import REFUSABLE
-from headspace_watcher.store.schema import agents, projects
 
 
 @dataclass(slots=True)
@@ -135,24 +133,33 @@ class References:
         return refs.projects.get(path) or self._project_ids.get(path)
 
 
+# array parameters: one compiled statement whatever the number of new keys
+_UPSERT_PROJECTS = text(
+    "INSERT INTO projects (path, name) "
+    "SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:names AS text[])) "
+    "ON CONFLICT DO NOTHING"
+)
+_SELECT_PROJECTS = text("SELECT path, id FROM projects WHERE path = ANY(CAST(:paths AS text[]))")
+_UPSERT_AGENTS = text(
+    "INSERT INTO agents (session_uuid, project_id) "
+    "SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:projects AS bigint[])) "
+    "ON CONFLICT DO NOTHING"
+)
+_SELECT_AGENTS = text(
+    "SELECT session_uuid, id FROM agents WHERE session_uuid = ANY(CAST(:keys AS text[]))"
+)
+
+
 def _upsert_projects(conn: Connection, paths: list[str]) -> dict[str, int]:
-    rows = [{"path": p, "name": p.rstrip("/").rsplit("/", 1)[-1] or p} for p in paths]
-    conn.execute(pg_insert(projects).values(rows).on_conflict_do_nothing())
-    found = conn.execute(
-        select(projects.c.path, projects.c.id).where(projects.c.path.in_(paths))
-    ).all()
-    return {r.path: r.id for r in found}
+    names = [p.rstrip("/").rsplit("/", 1)[-1] or p for p in paths]
+    conn.execute(_UPSERT_PROJECTS, {"paths": paths, "names": names})
+    return {r.path: r.id for r in conn.execute(_SELECT_PROJECTS, {"paths": paths})}
 
 
 def _upsert_agents(conn: Connection, keys: list[tuple[str, int | None]]) -> dict[str, int]:
-    rows = [{"session_uuid": k, "project_id": pid} for k, pid in keys]
-    conn.execute(pg_insert(agents).values(rows).on_conflict_do_nothing())
-    found = conn.execute(
-        select(agents.c.session_uuid, agents.c.id).where(
-            agents.c.session_uuid.in_([k for k, _ in keys])
-        )
-    ).all()
-    return {r.session_uuid: r.id for r in found}
+    uuids = [k for k, _ in keys]
+    conn.execute(_UPSERT_AGENTS, {"keys": uuids, "projects": [pid for _, pid in keys]})
+    return {r.session_uuid: r.id for r in conn.execute(_SELECT_AGENTS, {"keys": uuids})}
 
 
 def _each_alone(
