@@ -9,6 +9,7 @@ Decisions are staged and become the tracker's state only once their batch has co
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -126,6 +127,10 @@ class SessionTracker:
         else:
             epoch = self._ended.get(session_uuid, 0) + 1
             monitored = session_uuid in self._ended_monitored
+        # interned: one string per session and project, shared with every file's context
+        session_uuid = sys.intern(session_uuid)
+        if project_path:
+            project_path = sys.intern(project_path)
         info = SessionInfo(session_uuid, "active", epoch, at, at, project_path, monitored)
         self._staged[session_uuid] = info
         path = project_path or working_directory or "unknown"

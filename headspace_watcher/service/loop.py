@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_LOCKED = 0, 1, 4
 RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 TRIM_AFTER_BYTES = 1 << 20  # ingested since the last release_free_memory()
+TRIM_AFTER_FILES = 100  # forgotten at once (their sessions ended)
 STATUS_EVERY_S = 1.0
 _MAX_END_ROUNDS = 1000  # 500 sessions each: a bound, never reached by a real tree
 
@@ -482,7 +483,8 @@ class Service:
             self.tracker.load(self.store.load_sessions())
         for session, reason, _at in ends:
             log.info("session ended", extra={"session_uuid": session, "reason": reason})
-        self.transcripts.forget_settled()
+        if self.transcripts.forget_settled() >= TRIM_AFTER_FILES:
+            release_free_memory()  # what those files' state held goes back to the OS
         return True
 
     # ================================================================== health

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -167,6 +168,7 @@ class TranscriptSource:
         self._deleted.clear()
         if not self.dirty:  # backlog done: what is still known is of files gone meanwhile
             self._known.clear()
+            self.dirty.clear()  # empty already: this frees a backlog's table
         return chunks
 
     def _read_file(self, path: str, budget: Budget) -> Chunk | None:
@@ -261,7 +263,7 @@ class TranscriptSource:
         tf = self.files.get(path)
         if tf is not None:
             return tf
-        ctx = file_context(path, self.root)
+        ctx = _compact(file_context(path, self.root), path)
         if not self._is_wanted(path, ctx):
             self.unwatched.add(path)
             return None
@@ -271,6 +273,8 @@ class TranscriptSource:
         if state is None:
             state = self.checkpoints.register(path, ident.inode, ident.device)
         state = self._reconcile(state, path, ident.inode, ident.device, ident.size)
+        if state.path == path:
+            state.path = path  # one string per file, not one from the row besides
         tf = TrackedFile(path, ctx, state, size=ident.size)
         self.files[path] = tf
         return tf
@@ -326,7 +330,10 @@ class TranscriptSource:
         before = len(self.files)
         for tf in list(self.files.values()):
             self._forget_if_settled(tf)
-        return before - len(self.files)
+        forgotten = before - len(self.files)
+        if forgotten:
+            self.files = dict(self.files)  # a dict never shrinks by deletions
+        return forgotten
 
     def _forget_if_settled(self, tf: TrackedFile) -> None:
         """Forget a file that is caught up (no partial line, checkpoint = its size at the
@@ -462,6 +469,17 @@ class TranscriptSource:
 
     def close(self) -> None:
         self.watcher.close()
+
+
+def _compact(ctx: FileContext, path: str) -> FileContext:
+    """``ctx`` sharing what it repeats: the tracked path itself, and the session and project
+    names interned (the same strings as every other file's and session's of them)."""
+    return FileContext(
+        path if ctx.path == path else ctx.path,
+        None if ctx.session_hint is None else sys.intern(ctx.session_hint),
+        ctx.subagent_hint,
+        None if ctx.project_hint is None else sys.intern(ctx.project_hint),
+    )
 
 
 def _size(path: str) -> int | None:
