@@ -41,7 +41,7 @@ class NewRefs:
             e.agent_id = None
 
 
-ID_CACHE_MAX = 4096  # ids kept per table: a tree of years of sessions is not held in memory
+ID_CACHE_MAX = 1024  # ids kept per table: a tree of years of sessions is not held in memory
 
 
 class IdCache:
