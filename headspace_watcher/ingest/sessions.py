@@ -9,6 +9,9 @@ Decisions are staged and become the tracker's state only once their batch has co
 
 from __future__ import annotations
 
+import sys
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -21,33 +24,133 @@ def lifecycle_key(event_type: str, session_uuid: str, epoch: int) -> str:
     return f"{event_type}:{session_uuid}:{epoch}"
 
 
+class EndedEpochs:
+    """The epoch of each ended session (what its next registration follows), ~16 bytes each
+    in two flat arrays sorted by ``hash(session id)``: no Python object per session, as
+    those outlive a catch-up's garbage and keep its heap pages from going back to the OS.
+
+    Two ids of one hash (about n²/2^65 for n sessions) are kept by name once seen together
+    by the constructor; before that the wrong epoch fails the store's guard, and the
+    tracker's reload after a lost guard builds this again (and sees them together).
+    """
+
+    MERGE_AT = 512  # recent changes kept in a dict until merged into the arrays
+
+    def __init__(self, sessions: Iterable[tuple[str, int]] = ()) -> None:
+        self._keys = array("q")
+        self._epochs = array("q")
+        self._recent: dict[int, int] = {}
+        self._named: dict[str, int] = {}
+        owner: dict[int, str] = {}
+        for uuid, epoch in sessions:
+            key = hash(uuid)
+            other = owner.setdefault(key, uuid)
+            if other != uuid:
+                self._named[uuid] = epoch
+                self._named.setdefault(other, self._recent.get(key, 0))
+            self._recent[key] = epoch
+        self._merge()
+
+    def get(self, session_uuid: str) -> int:
+        """The epoch of the session's last registration; 0 if none is known."""
+        named = self._named.get(session_uuid)
+        if named is not None:
+            return named
+        key = hash(session_uuid)
+        recent = self._recent.get(key)
+        if recent is not None:
+            return recent
+        i = bisect_left(self._keys, key)
+        return self._epochs[i] if i < len(self._keys) and self._keys[i] == key else 0
+
+    def set(self, session_uuid: str, epoch: int) -> None:
+        """``epoch`` 0: the session is not ended (active again, or forgotten)."""
+        if session_uuid in self._named:
+            self._named[session_uuid] = epoch
+            return
+        key = hash(session_uuid)
+        i = bisect_left(self._keys, key)
+        if i < len(self._keys) and self._keys[i] == key:
+            self._epochs[i] = epoch
+        elif epoch or key in self._recent:
+            self._recent[key] = epoch
+            if len(self._recent) >= self.MERGE_AT:
+                self._merge()
+
+    def _merge(self) -> None:
+        if not self._recent:
+            return
+        merged = dict(zip(self._keys, self._epochs, strict=True))
+        merged.update(self._recent)
+        self._recent = {}
+        keys = sorted(k for k, e in merged.items() if e)
+        self._keys = array("q", keys)
+        self._epochs = array("q", (merged[k] for k in keys))
+
+
 class SessionTracker:
+    """Active sessions in full; ended ones compactly (``EndedEpochs``: their epoch, for when
+    they reappear): a tree of years of sessions costs bytes per ended one, not a row each."""
+
     def __init__(self, inactivity_timeout: float) -> None:
         self.timeout = timedelta(seconds=inactivity_timeout)
-        self._known: dict[str, SessionInfo] = {}
+        self._active: dict[str, SessionInfo] = {}
+        self._ended = EndedEpochs()
+        self._ended_monitored: set[str] = set()  # registered mode: ended but still monitored
         self._staged: dict[str, SessionInfo] = {}
         self._next: datetime | None = None
 
     # ---------------------------------------------------------------- state
     def load(self, infos: Iterable[SessionInfo]) -> None:
         """Adopt the durable state, so a restart neither re-registers nor forgets timers."""
-        self._known = {i.session_uuid: i for i in infos}
+        self._active, self._ended_monitored = {}, set()
+        ended: list[tuple[str, int]] = []
+        for info in infos:
+            if info.state == "active":
+                self._active[info.session_uuid] = info
+            else:
+                ended.append((info.session_uuid, info.epoch))
+                if info.monitored:
+                    self._ended_monitored.add(info.session_uuid)
+        self._ended = EndedEpochs(ended)
         self._refresh_next()
 
+    def _adopt(self, info: SessionInfo) -> None:
+        uuid = info.session_uuid
+        if info.state == "active":
+            self._active[uuid] = info
+            self._ended.set(uuid, 0)
+            self._ended_monitored.discard(uuid)
+            return
+        self._active.pop(uuid, None)
+        self._ended.set(uuid, info.epoch)
+        if info.monitored:
+            self._ended_monitored.add(uuid)
+        else:
+            self._ended_monitored.discard(uuid)
+
     def get(self, session_uuid: str) -> SessionInfo | None:
-        return self._staged.get(session_uuid) or self._known.get(session_uuid)
+        """The session if active or decided in the batch being built; None if ended."""
+        return self._staged.get(session_uuid) or self._active.get(session_uuid)
+
+    def is_active(self, session_uuid: str) -> bool:
+        return session_uuid in self._active
 
     def monitored(self) -> set[str]:
-        return {k for k, v in self._known.items() if v.monitored}
+        return {k for k, v in self._active.items() if v.monitored} | self._ended_monitored
 
     @property
     def active_count(self) -> int:
-        return sum(1 for i in self._known.values() if i.state == "active")
+        return len(self._active)
 
     def commit(self) -> None:
         if self._staged:
-            self._known.update(self._staged)
+            before = len(self._active)
+            for info in self._staged.values():
+                self._adopt(info)
             self._staged.clear()
+            if len(self._active) < before:  # ends: a dict never shrinks by deletions
+                self._active = dict(self._active)
             self._refresh_next()
 
     def rollback(self) -> None:
@@ -55,14 +158,13 @@ class SessionTracker:
 
     def forget(self, session_uuid: str) -> None:
         """Drop the cached view (e.g. after a guard failed) so the next load is authoritative."""
-        self._known.pop(session_uuid, None)
+        self._active.pop(session_uuid, None)
+        self._ended.set(session_uuid, 0)
+        self._ended_monitored.discard(session_uuid)
         self._refresh_next()
 
     def _refresh_next(self) -> None:
-        self._next = min(
-            (i.last_activity_at for i in self._known.values() if i.state == "active"),
-            default=None,
-        )
+        self._next = min((i.last_activity_at for i in self._active.values()), default=None)
 
     # ---------------------------------------------------------------- decisions
     def observe(
@@ -96,16 +198,16 @@ class SessionTracker:
                 )
             self._staged[session_uuid] = info
             return None, SessionChange("activity", info, current.epoch)
-        epoch = current.epoch + 1 if current else 1
-        info = SessionInfo(
-            session_uuid,
-            "active",
-            epoch,
-            at,
-            at,
-            project_path,
-            current.monitored if current else False,
-        )
+        if current is not None:  # ended in this very batch
+            epoch, monitored = current.epoch + 1, current.monitored
+        else:
+            epoch = self._ended.get(session_uuid) + 1
+            monitored = session_uuid in self._ended_monitored
+        # interned: one string per session and project, shared with every file's context
+        session_uuid = sys.intern(session_uuid)
+        if project_path:
+            project_path = sys.intern(project_path)
+        info = SessionInfo(session_uuid, "active", epoch, at, at, project_path, monitored)
         self._staged[session_uuid] = info
         path = project_path or working_directory or "unknown"
         event = Event(
@@ -146,8 +248,8 @@ class SessionTracker:
             return []
         return sorted(
             (i.session_uuid, i.last_activity_at + self.timeout)
-            for i in self._known.values()
-            if i.state == "active" and i.last_activity_at + self.timeout <= now
+            for i in self._active.values()
+            if i.last_activity_at + self.timeout <= now
         )
 
     def next_deadline(self) -> datetime | None:

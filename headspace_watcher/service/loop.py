@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_LOCKED = 0, 1, 4
 RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 TRIM_AFTER_BYTES = 1 << 20  # ingested since the last release_free_memory()
+TRIM_AFTER_FILES = 100  # forgotten at once (their sessions ended)
 STATUS_EVERY_S = 1.0
 _MAX_END_ROUNDS = 1000  # 500 sessions each: a bound, never reached by a real tree
 
@@ -105,6 +106,7 @@ class Service:
             self.store.checkpoints,
             ReadLimits(fw.max_line_bytes, fw.read_chunk_bytes),
             wanted=self._monitored if registered else None,
+            settled=self._settled,
             monotonic=monotonic,
         )
         self.sources: list[Source] = [self.transcripts]
@@ -457,6 +459,12 @@ class Service:
         session = ctx.session_hint or first_session_id(path, str(self.config.projects_path))
         return session is not None and session in self.tracker.monitored()
 
+    def _settled(self, ctx: FileContext) -> bool:
+        """A caught-up file whose session is over (or that names none: a 2.0.x sub-agent's)
+        needs no state in memory: the source forgets it until it changes again."""
+        session = ctx.session_hint
+        return session is None or not self.tracker.is_active(session)
+
     def _end_closed_sessions(self) -> None:
         """A session whose own transcript file was deleted has ended (reason ``closed``)."""
         if not self.db_ready:
@@ -503,6 +511,8 @@ class Service:
             self.tracker.load(self.store.load_sessions())
         for session, reason, _at in ends:
             log.info("session ended", extra={"session_uuid": session, "reason": reason})
+        if self.transcripts.forget_settled() >= TRIM_AFTER_FILES:
+            release_free_memory()  # what those files' state held goes back to the OS
         return True
 
     # ================================================================== health

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 KIND = "transcript"
 HELD_RETRY_MAX_S = 300.0
 OUTSIDE_TREE_REASON = "outside_tree: symlink or path outside the projects root; not read"
-PREFETCH_MAX = 1000
+REGISTER_MAX = 1000  # new files registered in one transaction
 
 
 @dataclass(slots=True)
@@ -86,6 +87,7 @@ class TranscriptSource:
         limits: ReadLimits,
         *,
         wanted: Callable[[str, FileContext], bool] | None = None,
+        settled: Callable[[FileContext], bool] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
@@ -94,6 +96,7 @@ class TranscriptSource:
         self.watcher = TreeWatcher(root)
         self._root = str(root)
         self._wanted = wanted
+        self._settled = settled
         self.files: dict[str, TrackedFile] = {}
         self.dirty: dict[str, None] = {}  # insertion-ordered set: fair round robin
         self.unwatched: set[str] = set()  # registered mode: files of sessions not monitored
@@ -101,6 +104,8 @@ class TranscriptSource:
         self._closed: list[str] = []
         self._monotonic = monotonic
         self.held: dict[str, Held] = {}
+        # checkpoints handed over in bulk for files not tracked yet (taken by ``_track``)
+        self._known: dict[str, StreamState] = {}
 
     # ------------------------------------------------------------------ what is new
     def start(self) -> None:
@@ -147,7 +152,7 @@ class TranscriptSource:
         Deletions seen meanwhile are acted on afterwards (``closed_sessions``).
         """
         chunks: list[Chunk] = []
-        self._prefetch()
+        self._register_new()
         for path in list(self.dirty):
             if budget.exhausted:
                 break
@@ -161,6 +166,9 @@ class TranscriptSource:
         for path in self._deleted:
             self._file_deleted(path)
         self._deleted.clear()
+        if not self.dirty:  # backlog done: what is still known is of files gone meanwhile
+            self._known.clear()
+            self.dirty.clear()  # empty already: this frees a backlog's table
         return chunks
 
     def _read_file(self, path: str, budget: Budget) -> Chunk | None:
@@ -193,6 +201,7 @@ class TranscriptSource:
         if not res.more:
             self.dirty.pop(path, None)
         if res.end_offset == tf.source.committed_offset:
+            self._forget_if_settled(tf)
             return None
         return Chunk(
             KIND,
@@ -254,33 +263,42 @@ class TranscriptSource:
         tf = self.files.get(path)
         if tf is not None:
             return tf
-        ctx = file_context(path, self.root)
+        ctx = _compact(file_context(path, self.root), path)
         if not self._is_wanted(path, ctx):
             self.unwatched.add(path)
             return None
         self.unwatched.discard(path)
         ident = identity(path)
-        state = self.checkpoints.register(path, ident.inode, ident.device)
+        state = self._known.pop(path, None)
+        if state is None:
+            state = self.checkpoints.register(path, ident.inode, ident.device)
         state = self._reconcile(state, path, ident.inode, ident.device, ident.size)
+        if state.path == path:
+            state.path = path  # one string per file, not one from the row besides
         tf = TrackedFile(path, ctx, state, size=ident.size)
         self.files[path] = tf
         return tf
 
-    def _prefetch(self) -> None:
-        """Register the checkpoints of many new files in one transaction (a catch-up of a
-        tree), instead of one transaction each in ``_track``."""
-        if self._wanted is not None:
+    def _register_new(self) -> None:
+        """Checkpoints of new dirty files in bulk (a catch-up of a tree): one transaction
+        per ``REGISTER_MAX`` files instead of one each in ``_track``; each file stat'ed once.
+
+        Files already known (``_known``: from the store at connect, or registered earlier)
+        need no round trip at all.
+        """
+        if self._wanted is not None:  # registered mode: whether to read it is decided first
             return
         new: list[tuple[str, int, int]] = []
         for path in self.dirty:
-            if path not in self.files and not self.checkpoints.prefetched(path):
-                with contextlib.suppress(OSError):
-                    ident = identity(path)
-                    new.append((path, ident.inode, ident.device))
-                if len(new) >= PREFETCH_MAX:
-                    break
+            if path in self.files or path in self._known:
+                continue
+            with contextlib.suppress(OSError):  # gone: ``_track`` finds out
+                ident = identity(path)
+                new.append((path, ident.inode, ident.device))
+            if len(new) >= REGISTER_MAX:
+                break
         if len(new) > 1:
-            self.checkpoints.prefetch(new)
+            self._known.update(self.checkpoints.register_many(new))
 
     def _reconcile(
         self, state: StreamState, path: str, inode: int, device: int, size: int
@@ -303,6 +321,31 @@ class TranscriptSource:
         )
         return self.checkpoints.new_generation(state, inode, device)
 
+    def forget_settled(self) -> int:
+        """Drop the state of every settled file (see ``_forget_if_settled``); how many.
+
+        For after sessions ended: what a tree of years of ended sessions costs in memory
+        is then nothing per file, not a tracked file each.
+        """
+        before = len(self.files)
+        for tf in list(self.files.values()):
+            self._forget_if_settled(tf)
+        forgotten = before - len(self.files)
+        if forgotten:
+            self.files = dict(self.files)  # a dict never shrinks by deletions
+        return forgotten
+
+    def _forget_if_settled(self, tf: TrackedFile) -> None:
+        """Forget a file that is caught up (no partial line, checkpoint = its size at the
+        last read) and whose session is over (``settled``): its checkpoint is in the store,
+        so its next change re-creates it from there (one registration) and reads on."""
+        if self._settled is None or tf.path in self.dirty or tf.path in self.held:
+            return
+        if tf.error is not None or tf.partial or tf.scan is not None:
+            return
+        if tf.size == tf.source.committed_offset and self._settled(tf.ctx):
+            del self.files[tf.path]
+
     # ------------------------------------------------------------------ after the store
     def committed(self, chunks: list[Chunk]) -> None:
         for c in chunks:
@@ -323,9 +366,15 @@ class TranscriptSource:
             self.dirty[c.path] = None
 
     def reload(self, states: dict[str, StreamState]) -> None:
-        for tf in self.files.values():
-            if tf.path in states:
-                tf.source = states[tf.path]
+        """Adopt the store's checkpoints: tracked files at once, dirty untracked ones when
+        they are tracked (so a known file needs no round trip of its own)."""
+        self._known.clear()
+        for path, state in states.items():
+            tf = self.files.get(path)
+            if tf is not None:
+                tf.source = state
+            elif path in self.dirty:
+                self._known[path] = state
 
     def reload_from_store(self, chunks: list[Chunk]) -> None:
         """After a conflict: the checkpoints of these files as the store has them now."""
@@ -373,12 +422,13 @@ class TranscriptSource:
     # ------------------------------------------------------------------ deletions
     def _file_deleted(self, path: str) -> None:
         self.dirty.pop(path, None)
+        self._known.pop(path, None)
         self.held.pop(path, None)
         tf = self.files.pop(path, None)
-        if tf is None:
-            return
-        session = tf.ctx.session_hint
-        if tf.ctx.subagent_hint is None and session and Path(path).stem == session:
+        # a forgotten (settled) file has no state left: its path still names its session
+        ctx = tf.ctx if tf is not None else file_context(path, self.root)
+        session = ctx.session_hint
+        if ctx.subagent_hint is None and session and Path(path).stem == session:
             self._closed.append(session)
 
     def closed_sessions(self) -> list[str]:
@@ -419,6 +469,17 @@ class TranscriptSource:
 
     def close(self) -> None:
         self.watcher.close()
+
+
+def _compact(ctx: FileContext, path: str) -> FileContext:
+    """``ctx`` sharing what it repeats: the tracked path itself, and the session and project
+    names interned (the same strings as every other file's and session's of them)."""
+    return FileContext(
+        path if ctx.path == path else ctx.path,
+        None if ctx.session_hint is None else sys.intern(ctx.session_hint),
+        ctx.subagent_hint,
+        None if ctx.project_hint is None else sys.intern(ctx.project_hint),
+    )
 
 
 def _size(path: str) -> int | None:

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine
 from headspace_watcher.records import Batch, Event, SessionInfo, WriteResult
 from headspace_watcher.store import heartbeats, migrate, producer, sessions
 from headspace_watcher.store.checkpoints import CheckpointStore
-from headspace_watcher.store.engine import make_engine
+from headspace_watcher.store.engine import PING_AFTER_IDLE_S, make_engine
 from headspace_watcher.store.locks import InstanceLock
 from headspace_watcher.store.producer import WriteOutcome
 from headspace_watcher.store.references import References
@@ -48,6 +48,7 @@ class Store:
         **engine_kwargs: Any,
     ) -> None:
         self.url = url
+        engine_kwargs.setdefault("ping_idle_s", PING_AFTER_IDLE_S)
         self.engine = engine or make_engine(url, connect_timeout=connect_timeout, **engine_kwargs)
         self.references = References()
         self.writer = BatchWriter(self.engine, self.references, retry=retry, clock=clock)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
-from sqlalchemy import Connection, Engine, bindparam, select, text, update
+from sqlalchemy import Connection, Engine, Text, any_, bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from headspace_watcher.errors import CheckpointConflict, StreamRefused
@@ -110,18 +111,25 @@ def _state(row: object) -> StreamState:
     )
 
 
-PREFETCH_MAX = 1000
+_REGISTER_MANY = text(
+    "INSERT INTO sources (path, path_bytes, inode, device) "
+    "SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:raw AS bytea[]), "
+    "CAST(:inodes AS bigint[]), CAST(:devices AS bigint[])) "
+    "ON CONFLICT (path) DO NOTHING"
+)
+_SELECT_MANY = select(sources).where(sources.c.path == any_(bindparam("paths", type_=ARRAY(Text))))
 
 
 class CheckpointStore:
-    """The stream rows a source is handed: it learns positions here, never writes offsets."""
+    """The stream rows a source is handed: it learns positions here, never writes offsets.
+
+    Holds no state of its own: what a source keeps of these rows is the source's to bound.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._prefetched: dict[str, StreamState] = {}
 
     def load_all(self) -> dict[str, StreamState]:
-        self._prefetched.clear()
         with self._engine.connect() as conn:
             return {s.path: s for s in map(_state, conn.execute(select(sources)))}
 
@@ -131,14 +139,11 @@ class CheckpointStore:
         return _state(row) if row else None
 
     def register(self, path: str, inode: int, device: int) -> StreamState:
-        """The source row for ``path``, created at offset 0 when new (or from ``prefetch``).
+        """The source row for ``path``, created at offset 0 when new.
 
         Raises StreamRefused when PostgreSQL refuses the row for good (its path beyond the
         unique index's limit): that stream is held, the others go on.
         """
-        state = self._prefetched.pop(path, None)
-        if state is not None and (state.inode, state.device) == (inode, device):
-            return state
         try:
             return self._register(path, inode, device)
         except Exception as exc:
@@ -159,52 +164,33 @@ class CheckpointStore:
                 row = conn.execute(select(sources).where(sources.c.path == stored)).one()
         return _state(row)
 
-    def prefetched(self, path: str) -> bool:
-        return path in self._prefetched
+    def register_many(self, files: list[tuple[str, int, int]]) -> dict[str, StreamState]:
+        """``register`` many (path, inode, device) at once: one transaction of two
+        statements with array parameters (compiled once, whatever the count), not one
+        transaction per file. For a catch-up over a tree of many new files.
 
-    def prefetch(self, files: list[tuple[str, int, int]]) -> None:
-        """``register`` many (path, inode, device) at once: one transaction, not one per file.
-
-        For a catch-up over a tree of many new files. ``register`` then answers from memory
-        (the rows cannot change meanwhile: only this process's writer advances a source, and
-        only once it is registered; the batch guard would catch it anyway).
+        Refused for good (one path beyond the index's limit refuses them all): {} and a
+        warning; ``register`` then takes them one by one and holds only the culprit.
         """
-        if len(self._prefetched) >= PREFETCH_MAX:  # left over (files gone meanwhile)
-            self._prefetched.clear()
-        todo = [f for f in files if f[0] not in self._prefetched][:PREFETCH_MAX]
-        if not todo:
-            return
+        if not files:
+            return {}
+        stored = [storable_path(p) for p, _i, _d in files]
+        params = {
+            "paths": stored,
+            "raw": [path_bytes(p) for p, _i, _d in files],
+            "inodes": [i for _p, i, _d in files],
+            "devices": [d for _p, _i, d in files],
+        }
         try:
-            self._prefetch(todo)
+            with self._engine.begin() as conn:
+                conn.execute(_REGISTER_MANY, params)
+                rows = conn.execute(_SELECT_MANY, {"paths": stored}).all()
         except Exception as exc:
             if is_transient(exc):
                 raise
-            # one of them is refused: ``register`` then takes them one by one (and holds it)
-            log.warning("prefetch of new files refused", extra={"error": describe(exc)})
-
-    def _prefetch(self, todo: list[tuple[str, int, int]]) -> None:
-        with self._engine.begin() as conn:
-            conn.execute(
-                pg_insert(sources)
-                .values(
-                    [
-                        {
-                            "path": storable_path(p),
-                            "path_bytes": path_bytes(p),
-                            "inode": i,
-                            "device": d,
-                        }
-                        for p, i, d in todo
-                    ]
-                )
-                .on_conflict_do_nothing(index_elements=["path"])
-            )
-            rows = conn.execute(
-                select(sources).where(sources.c.path.in_([storable_path(p) for p, _i, _d in todo]))
-            ).all()
-        for row in rows:
-            state = _state(row)
-            self._prefetched[state.path] = state
+            log.warning("bulk registration of new files refused", extra={"error": describe(exc)})
+            return {}
+        return {s.path: s for s in map(_state, rows)}
 
     def rebind(self, state: StreamState, inode: int, device: int) -> StreamState:
         """Same content under a new inode (file replaced by a copy): keep the offset."""

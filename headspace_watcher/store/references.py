@@ -8,17 +8,17 @@ ids of rolled-back rows must not stick to events or be reused.
 
 from __future__ import annotations
 
+import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Connection, text
 
 from headspace_watcher.records import Event
 from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.rows import REFUSABLE
-from headspace_watcher.store.schema import agents, projects
 
 
 @dataclass(slots=True)
@@ -41,12 +41,42 @@ class NewRefs:
             e.agent_id = None
 
 
+ID_CACHE_MAX = 1024  # ids kept per table: a tree of years of sessions is not held in memory
+
+
+class IdCache:
+    """Ids by key, at most ``limit``, the least recently used dropped first: a dropped one
+    costs one lookup (the upsert finds the row) when it is needed again."""
+
+    __slots__ = ("_ids", "limit")
+
+    def __init__(self, limit: int = ID_CACHE_MAX) -> None:
+        self._ids: OrderedDict[str, int] = OrderedDict()
+        self.limit = limit
+
+    def get(self, key: str) -> int | None:
+        found = self._ids.get(key)
+        if found is not None:
+            self._ids.move_to_end(key)
+        return found
+
+    def update(self, ids: dict[str, int]) -> None:
+        for key, value in ids.items():
+            self._ids[key] = value
+            self._ids.move_to_end(key)
+        while len(self._ids) > self.limit:
+            self._ids.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 class References:
     """Resolves events' ``project_path``/``agent_key`` to ids, creating rows as needed."""
 
-    def __init__(self) -> None:
-        self._project_ids: dict[str, int] = {}
-        self._agent_ids: dict[str, int] = {}
+    def __init__(self, cache_max: int = ID_CACHE_MAX) -> None:
+        self._project_ids = IdCache(cache_max)
+        self._agent_ids = IdCache(cache_max)
 
     def project_id(self, path: str | None) -> int | None:
         return self._project_ids.get(path or "")
@@ -69,8 +99,8 @@ class References:
         in a savepoint, the refused ones noted in ``refs.refused_*`` (a path or id beyond an
         index's limit must not take the lines of the batch down with it).
         """
-        paths = {e.project_path for e in evts if e.project_path} - self._project_ids.keys()
-        keys = {e.agent_key for e in evts if e.agent_key} - self._agent_ids.keys()
+        paths = {p for e in evts if (p := e.project_path) and self._project_ids.get(p) is None}
+        keys = {k for e in evts if (k := e.agent_key) and self._agent_ids.get(k) is None}
         if paths:
             refs.projects = (
                 _each_alone(conn, _upsert_projects, sorted(paths), refs.refused_projects)
@@ -82,42 +112,57 @@ class References:
             for e in evts:
                 if e.agent_key in keys and e.project_path:
                     project_of.setdefault(e.agent_key, e.project_path)
-            known = self._project_ids | refs.projects
-            wanted = [(k, known.get(project_of.get(k, ""))) for k in sorted(keys)]
+            wanted = [(k, self._project_of(project_of.get(k), refs)) for k in sorted(keys)]
             refs.agents = (
                 _each_alone(conn, _upsert_agents, wanted, refs.refused_agents)
                 if careful
                 else _upsert_agents(conn, wanted)
             )
-        project_ids = self._project_ids | refs.projects if refs.projects else self._project_ids
-        agent_ids = self._agent_ids | refs.agents if refs.agents else self._agent_ids
         for e in evts:
-            if e.project_id is None and e.project_path in project_ids:
-                e.project_id = project_ids[e.project_path]
-                refs.assigned.append(e)
-            if e.agent_id is None and e.agent_key in agent_ids:
-                e.agent_id = agent_ids[e.agent_key]
-                refs.assigned_agents.append(e)
+            if e.project_id is None and e.project_path:
+                e.project_id = self._project_of(e.project_path, refs)
+                if e.project_id is not None:
+                    refs.assigned.append(e)
+            if e.agent_id is None and e.agent_key:
+                e.agent_id = refs.agents.get(e.agent_key) or self._agent_ids.get(e.agent_key)
+                if e.agent_id is not None:
+                    refs.assigned_agents.append(e)
+
+    def _project_of(self, path: str | None, refs: NewRefs) -> int | None:
+        if not path:
+            return None
+        return refs.projects.get(path) or self._project_ids.get(path)
+
+
+# array parameters: one compiled statement whatever the number of new keys
+_UPSERT_PROJECTS = text(
+    "INSERT INTO projects (path, name) "
+    "SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:names AS text[])) "
+    "ON CONFLICT DO NOTHING"
+)
+_SELECT_PROJECTS = text("SELECT path, id FROM projects WHERE path = ANY(CAST(:paths AS text[]))")
+_UPSERT_AGENTS = text(
+    "INSERT INTO agents (session_uuid, project_id) "
+    "SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:projects AS bigint[])) "
+    "ON CONFLICT DO NOTHING"
+)
+_SELECT_AGENTS = text(
+    "SELECT session_uuid, id FROM agents WHERE session_uuid = ANY(CAST(:keys AS text[]))"
+)
 
 
 def _upsert_projects(conn: Connection, paths: list[str]) -> dict[str, int]:
-    rows = [{"path": p, "name": p.rstrip("/").rsplit("/", 1)[-1] or p} for p in paths]
-    conn.execute(pg_insert(projects).values(rows).on_conflict_do_nothing())
-    found = conn.execute(
-        select(projects.c.path, projects.c.id).where(projects.c.path.in_(paths))
-    ).all()
-    return {r.path: r.id for r in found}
+    names = [p.rstrip("/").rsplit("/", 1)[-1] or p for p in paths]
+    conn.execute(_UPSERT_PROJECTS, {"paths": paths, "names": names})
+    return {r.path: r.id for r in conn.execute(_SELECT_PROJECTS, {"paths": paths})}
 
 
 def _upsert_agents(conn: Connection, keys: list[tuple[str, int | None]]) -> dict[str, int]:
-    rows = [{"session_uuid": k, "project_id": pid} for k, pid in keys]
-    conn.execute(pg_insert(agents).values(rows).on_conflict_do_nothing())
-    found = conn.execute(
-        select(agents.c.session_uuid, agents.c.id).where(
-            agents.c.session_uuid.in_([k for k, _ in keys])
-        )
-    ).all()
-    return {r.session_uuid: r.id for r in found}
+    uuids = [k for k, _ in keys]
+    conn.execute(_UPSERT_AGENTS, {"keys": uuids, "projects": [pid for _, pid in keys]})
+    # interned: the cache's key is then the tracker's and the file context's string too
+    rows = conn.execute(_SELECT_AGENTS, {"keys": uuids})
+    return {sys.intern(r.session_uuid): r.id for r in rows}
 
 
 def _each_alone(

@@ -11,7 +11,7 @@ import functools
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from headspace_watcher.errors import CheckpointConflict
@@ -93,7 +93,11 @@ def apply_changes(
     reason and counted as lost, and the batch goes on without it.
     """
     lost: set[tuple[str, str]] = set()
-    for ch in _coalesce(changes):
+    coalesced = _coalesce(changes)
+    if refused is None and _bulk_safe(coalesced):
+        _apply_bulk(conn, coalesced, refs, lost)
+        return lost
+    for ch in coalesced:
         if refused is None:
             _apply_one(conn, ch, refs, lost)
             continue
@@ -106,6 +110,117 @@ def apply_changes(
             refused[ch.info.session_uuid] = describe(exc)
             lost.add((ch.kind, ch.info.session_uuid))
     return lost
+
+
+def _bulk_safe(changes: list[SessionChange]) -> bool:
+    """Whether one statement per kind decides as the changes in order would: each session
+    once (order between kinds cannot matter), and every guard's epoch the one its row's
+    own epoch implies (so the statement's guard can be written with ``excluded.epoch``)."""
+    if len({ch.info.session_uuid for ch in changes}) != len(changes):
+        return False
+    offset = {"register": 1, "end": 0}
+    return all(
+        ch.kind == "activity" or ch.expected_epoch == ch.info.epoch - offset[ch.kind]
+        for ch in changes
+    )
+
+
+def _apply_bulk(
+    conn: Connection, changes: list[SessionChange], refs: References, lost: set[tuple[str, str]]
+) -> None:
+    """``_apply_one`` for all changes of a batch in at most three statements (array
+    parameters: one compiled statement whatever the count). A guard that failed is a row
+    not returned."""
+    by_kind: dict[str, list[SessionChange]] = {"register": [], "end": [], "activity": []}
+    for ch in changes:
+        if ch.kind == "end" and ch.expected_epoch == 0:
+            lost.add((ch.kind, ch.info.session_uuid))  # never registered: nothing to end
+        else:
+            by_kind[ch.kind].append(ch)
+    for kind in ("register", "end"):
+        if by_kind[kind]:
+            params = _upsert_arrays(by_kind[kind], refs)
+            won = set(conn.execute(_bulk_upsert_stmt(kind == "register"), params).scalars())
+            lost.update((kind, u) for u in params["session_uuid"] if u not in won)
+    activity = by_kind["activity"]
+    if activity:
+        params = {
+            "uuids": [ch.info.session_uuid for ch in activity],
+            "epochs": [ch.expected_epoch for ch in activity],
+            "ats": [ch.info.last_activity_at for ch in activity],
+        }
+        updated = set(conn.execute(_BULK_ACTIVITY, params).scalars())
+        for ch in activity:
+            if ch.info.session_uuid not in updated:
+                raise CheckpointConflict(
+                    f"session {ch.info.session_uuid} is no longer active "
+                    f"with epoch {ch.expected_epoch}"
+                )
+
+
+def _upsert_arrays(changes: list[SessionChange], refs: References) -> dict[str, list[Any]]:
+    """The changes' rows as one array per column (``_bulk_upsert_stmt``'s parameters)."""
+    cols: dict[str, list[Any]] = {c: [] for c in _VALUE_COLUMNS}
+    for ch in changes:
+        i = ch.info
+        row = (
+            i.session_uuid, i.state, i.epoch, i.registered_at, i.last_activity_at,
+            i.project_path, refs.project_id(i.project_path), refs.agent_id(i.session_uuid),
+            ch.ended_at, ch.end_reason, i.monitored, i.working_directory, i.iterm_pane_id,
+        )  # fmt: skip
+        for col, value in zip(_VALUE_COLUMNS, row, strict=True):
+            cols[col].append(value)
+    return cols
+
+
+_ARRAY_TYPES = {
+    "session_uuid": "text[]",
+    "state": "text[]",
+    "epoch": "integer[]",
+    "registered_at": "timestamptz[]",
+    "last_activity_at": "timestamptz[]",
+    "project_path": "text[]",
+    "project_id": "bigint[]",
+    "agent_id": "bigint[]",
+    "ended_at": "timestamptz[]",
+    "end_reason": "text[]",
+    "monitored": "boolean[]",
+    "working_directory": "text[]",
+    "iterm_pane_id": "text[]",
+}
+
+_BULK_ACTIVITY = text(
+    "UPDATE sessions SET last_activity_at = greatest(sessions.last_activity_at, u.at) "
+    "FROM unnest(CAST(:uuids AS text[]), CAST(:epochs AS integer[]), "
+    "CAST(:ats AS timestamptz[])) AS u(uuid, expected_epoch, at) "
+    "WHERE sessions.session_uuid = u.uuid AND sessions.state = 'active' "
+    "AND sessions.epoch = u.expected_epoch "
+    "RETURNING sessions.session_uuid"
+)
+
+
+@functools.cache
+def _bulk_upsert_stmt(register: bool) -> Any:
+    """``_upsert_stmt`` over arrays: the same guard, with the expected epoch implied by the
+    row's own (``_bulk_safe``): a ``register`` of epoch n needs the row absent or ended at
+    n - 1, an ``end`` of epoch n needs it active at n. Returns the uuids that won."""
+    unnest = ", ".join(f"CAST(:{c} AS {_ARRAY_TYPES[c]})" for c in _VALUE_COLUMNS)
+    keep = {c: f"EXCLUDED.{c}" for c in _VALUE_COLUMNS[1:]}
+    for key in ("project_id", "agent_id", "project_path", "working_directory", "iterm_pane_id"):
+        keep[key] = f"coalesce(EXCLUDED.{key}, sessions.{key})"
+    if register:
+        keep["monitored"] = "sessions.monitored OR EXCLUDED.monitored"
+    guard = (
+        "sessions.state = 'ended' AND sessions.epoch = EXCLUDED.epoch - 1"
+        if register
+        else "sessions.state = 'active' AND sessions.epoch = EXCLUDED.epoch"
+    )
+    return text(
+        f"INSERT INTO sessions ({', '.join(_VALUE_COLUMNS)}) SELECT * FROM unnest({unnest}) "
+        f"ON CONFLICT (session_uuid) DO UPDATE SET "
+        f"{', '.join(f'{c} = {v}' for c, v in keep.items())} "
+        f"WHERE {guard} RETURNING sessions.session_uuid"
+    )
 
 
 def _apply_one(

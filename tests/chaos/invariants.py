@@ -347,3 +347,35 @@ def transcript_files(root: Path) -> list[Path]:
 
 def snapshot(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in transcript_files(root)}
+
+
+def lifecycle_epochs(engine: Engine) -> dict[str, tuple[list[int], list[int]]]:
+    """Per session: the epochs of its ``session_registered`` and of its ``session_ended``
+    rows (from their idempotency keys ``kind:session:epoch``), sorted."""
+    with engine.connect() as conn:
+        keys = conn.execute(
+            text(
+                "SELECT idempotency_key FROM events WHERE event_type IN "
+                "('session_registered', 'session_ended')"
+            )
+        ).scalars()
+        out: dict[str, tuple[list[int], list[int]]] = {}
+        for key in keys:
+            kind, session, epoch = key.rsplit(":", 2)
+            regs, ends = out.setdefault(session, ([], []))
+            (regs if kind == "session_registered" else ends).append(int(epoch))
+    return {s: (sorted(r), sorted(e)) for s, (r, e) in out.items()}
+
+
+def assert_epochs(engine: Engine, context: str) -> dict[str, tuple[list[int], list[int]]]:
+    """Each session's registrations are epochs 1..n, each once; each ended epoch was
+    registered, ended once, and every epoch but the last one ended (before the next)."""
+    epochs = lifecycle_epochs(engine)
+    bad = []
+    for session, (regs, ends) in epochs.items():
+        n = len(regs)
+        once = regs == list(range(1, n + 1)) and len(set(ends)) == len(ends)
+        if not once or not set(range(1, n)) <= set(ends) <= set(regs):
+            bad.append((session, regs, ends))
+    assert not bad, f"{context}: session epochs wrong (session, registered, ended): {bad[:5]}"
+    return epochs

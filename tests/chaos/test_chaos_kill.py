@@ -7,7 +7,7 @@ import time
 import pytest
 from gen import TreeGen, append, partial_tail, write_tree
 from harness import ChaosEnv, make_rng, pick, wait_for
-from invariants import assert_exact, snapshot
+from invariants import assert_epochs, assert_exact, lifecycle_epochs, snapshot
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(pick(240, 1800))]
 
@@ -76,3 +76,77 @@ def test_kill9_during_catch_up(chaos_env: ChaosEnv, exactly_once: object) -> Non
     assert mid_catch_up >= kills * 0.75, (
         f"seed {seed}: only {mid_catch_up}/{kills} kills mid-catch-up"
     )
+
+
+MANY_SESSIONS = pick(300, 3000)
+MANY_KILLS = pick(8, 60)
+
+
+def _all_ended(env: ChaosEnv) -> bool:
+    epochs = lifecycle_epochs(env.engine).values()
+    return all(ends and ends[-1] == regs[-1] for regs, ends in epochs)
+
+
+def test_kill9_during_many_file_catch_up(chaos_env: ChaosEnv, exactly_once: object) -> None:
+    """A tree of many small sessions (many files per batch: bulk registration of streams
+    and sessions), sessions timing out between catch-ups (their files forgotten, then
+    re-created from the store when appended to): kill -9 at random instants, restarted
+    each time; nothing lost, nothing twice, every epoch registered and ended once."""
+    env = chaos_env
+    env.configure(file_watcher={"inactivity_timeout": 1})  # every catch-up ends its sessions
+    rng, seed = make_rng("kill -9 during a many-file catch-up")
+    gen = TreeGen(rng, env.root, max_line_bytes=env.max_line)
+    write_tree(gen, gen.tree(MANY_SESSIONS), (1, 6))
+
+    kills = mid_catch_up = 0
+    while kills < MANY_KILLS:
+        if kills:  # while it is down: new sessions, and lines for ended ones
+            gen.tree(rng.randrange(1, MANY_SESSIONS // 4))
+            write_tree(gen, rng.sample(gen.files, k=len(gen.files) // 3), (1, 4))
+        before = env.committed()
+        w = env.start()
+        if rng.random() < 0.6:  # just after a commit, plus a few milliseconds: mid-batch
+            wait_for(
+                lambda w=w, b=before: not w.alive() or env.committed() > b,
+                "progress",
+                timeout=30,
+                details=w.log,
+            )
+            time.sleep(rng.uniform(0, 0.03))  # fault schedule
+        else:
+            time.sleep(rng.uniform(0, 1.5))  # fault schedule: start-up, catch-up or ends
+        assert w.alive(), f"seed {seed}: watcher died on its own:\n{w.log()}"
+        lag = env.lag()
+        w.kill9()
+        kills += 1
+        mid_catch_up += lag > 0
+        assert_exact(env.engine, snapshot(env.root), max_line_bytes=env.max_line, final=False,
+                     sessions_once=False)  # fmt: skip
+        assert_epochs(env.engine, f"seed {seed}, after kill {kills}")
+
+    w = env.start()
+    env.wait_caught_up(w, timeout=pick(120, 600))
+    wait_for(lambda: _all_ended(env), "every session ended", timeout=pick(60, 300), details=w.log)
+    # the files of ended sessions are forgotten by now: appending re-creates them from the
+    # store, and their sessions come back as the next epoch
+    before = lifecycle_epochs(env.engine)
+    again = rng.sample(gen.files, k=min(20, len(gen.files)))
+    for tf in again:
+        append(tf.path, gen._message(tf, "user", "after the session ended"))
+    env.wait_caught_up(w, timeout=pick(60, 300))
+    wait_for(lambda: _all_ended(env), "every session ended again", timeout=60, details=w.log)
+    code, _took = w.term()
+    assert code == 0, f"seed {seed}: exit {code}\n{w.log()}"
+    rep = assert_exact(env.engine, snapshot(env.root), max_line_bytes=env.max_line,
+                       sessions_once=False)  # fmt: skip
+    epochs = assert_epochs(env.engine, f"seed {seed}, final")
+    regs_before = {s: len(regs) for s, (regs, _ends) in before.items()}
+    stale = [s for s in {tf.session for tf in again} if len(epochs[s][0]) <= regs_before.get(s, 0)]
+    assert not stale, f"seed {seed}: not registered again after their end: {stale[:5]}"
+    exactly_once(env.engine, env.root, max_line_bytes=env.max_line)  # type: ignore[operator]
+    print(
+        f"[chaos] seed {seed}: {kills} kills ({mid_catch_up} mid-catch-up), {rep.files} files, "
+        f"{rep.lines} lines, {rep.turns} turns, {len(epochs)} sessions, "
+        f"{sum(len(r) for r, _e in epochs.values())} registrations"
+    )
+    assert mid_catch_up >= kills // 3, f"seed {seed}: only {mid_catch_up}/{kills} mid-catch-up"
