@@ -40,7 +40,7 @@ from headspace_watcher.service.lifecycle import (
 )
 from headspace_watcher.sources import Budget, Source
 from headspace_watcher.sources.reader import first_session_id
-from headspace_watcher.sources.transcripts import ReadLimits, TranscriptSource
+from headspace_watcher.sources.transcripts import ReadLimits, TranscriptSource, path_problem
 from headspace_watcher.store import Store
 from headspace_watcher.store.embedded import database_url
 from headspace_watcher.store.retry import RetryPolicy
@@ -48,7 +48,6 @@ from headspace_watcher.store.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_LOCKED = 0, 1, 4
-RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 TRIM_AFTER_BYTES = 1 << 20  # ingested since the last release_free_memory()
 TRIM_AFTER_FILES = 100  # forgotten at once (their sessions ended)
 STATUS_EVERY_S = 1.0
@@ -57,20 +56,6 @@ _MAX_END_ROUNDS = 1000  # 500 sessions each: a bound, never reached by a real tr
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def projects_path_problem(path: os.PathLike[str] | str) -> str | None:
-    """What is wrong with the projects path ("does not exist", "is not a directory"), or
-    None when it is a directory we can list."""
-    try:
-        with os.scandir(path):
-            return None
-    except FileNotFoundError:
-        return "does not exist"
-    except NotADirectoryError:
-        return "is not a directory"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
 
 
 class Service:
@@ -101,7 +86,7 @@ class Service:
         self.tracker = SessionTracker(fw.inactivity_timeout)
         self.deriving = Deriving(self.tracker, fw.max_line_bytes, clock)
         registered = fw.mode == "registered"
-        self.transcripts = TranscriptSource(
+        transcripts = TranscriptSource(
             config.projects_path,
             self.store.checkpoints,
             ReadLimits(fw.max_line_bytes, fw.read_chunk_bytes),
@@ -109,7 +94,9 @@ class Service:
             settled=self._settled,
             monotonic=monotonic,
         )
-        self.sources: list[Source] = [self.transcripts]
+        # the loop knows its sources only by the contract in sources/__init__.py: the hook
+        # spool (or any other source) is one more entry here
+        self.sources: list[Source] = [transcripts]
         self.signals = StopSignals(es.shutdown_timeout_seconds)
         # the tree's real path: an alias through a symlink is the same tree
         real_root = os.path.realpath(config.projects_path)
@@ -126,7 +113,7 @@ class Service:
         self._instance_fd: int | None = None  # flock on the state dir: its files are ours
         self._isolate = 0  # batches still to build from one stream each (after a refusal)
         self._next_beat = 0.0
-        self._next_rescan = 0.0
+        self._ticks: dict[str, float | None] = {}  # when each source wants its next tick
         self._next_status = 0.0
         self._untrimmed = 0  # bytes ingested since the last release_free_memory()
         self.checkpoint_conflicts = 0  # batches refused by the guard (0 in steady state)
@@ -145,7 +132,8 @@ class Service:
             self._instance_fd = health.lock_instance(self.config.state_dir)
             health.write_pid(self.config.state_dir)
             self._log_ready()
-            self.transcripts.start()
+            for source in self.sources:
+                source.start()
             self._connect()
             if once:
                 return self._run_once()
@@ -163,7 +151,7 @@ class Service:
     def _require_projects_path(self) -> None:
         """``--once`` on a tree that is not there would report "caught up" on nothing: a
         mistyped path is an error (``run`` waits for it instead, and says so in status)."""
-        problem = projects_path_problem(self.config.projects_path)
+        problem = path_problem(self.config.projects_path)
         if problem:
             raise ConfigError(
                 f"projects path {self.config.projects_path} {problem} (set "
@@ -228,12 +216,11 @@ class Service:
                 "ready: database reachable; ingesting",
                 extra={
                     "database": mask_url(self.url),
-                    "transcripts_found": len(self.transcripts.dirty) + len(self.transcripts.files),
+                    "streams_found": sum(s.found() for s in self.sources),
                     "sessions_active": self.tracker.active_count,
                 },
             )
         self.state = "healthy"
-        self.transcripts.mark_all_pending()
         return True
 
     def _check_lock(self) -> bool:
@@ -314,9 +301,7 @@ class Service:
                     release_free_memory()  # backlog drained: give its heap back
             else:
                 self._end_due_sessions()
-            self._maybe_rescan(now)
-            for source in self.sources:
-                source.retry_held(now)
+            self._tick(now)
             self._maybe_beat(now)
 
     def _pending(self) -> bool:
@@ -332,11 +317,8 @@ class Service:
         deadline = self.tracker.next_deadline()
         if deadline is not None and self.db_ready:
             waits.append((deadline - self.clock()).total_seconds())
-        if self.transcripts.watch_limit_reached:
-            waits.append(self._next_rescan - now)
-        retries = [r for s in self.sources if (r := s.next_held_retry()) is not None]
-        if retries and self.db_ready:
-            waits.append(min(retries) - now)
+        if self.db_ready:
+            waits += [t - now for t in self._ticks.values() if t is not None]
         return max(0.0, min(waits))
 
     def _wait(self, timeout: float) -> None:
@@ -445,12 +427,12 @@ class Service:
         self.checkpoint_conflicts += 1
         self._rolled_back(chunks)
         try:
-            self.transcripts.reload_from_store(chunks)
             self.tracker.load(self.store.load_sessions())  # a session may have been ended
+            for source in self.sources:
+                source.conflicted(chunks)
         except Exception as reload_exc:
             self._db_failed(reload_exc)
             return False
-        self.transcripts.refilter()
         return True
 
     # ================================================================== sessions
@@ -511,8 +493,7 @@ class Service:
             self.tracker.load(self.store.load_sessions())
         for session, reason, _at in ends:
             log.info("session ended", extra={"session_uuid": session, "reason": reason})
-        if self.transcripts.forget_settled() >= TRIM_AFTER_FILES:
-            release_free_memory()  # what those files' state held goes back to the OS
+        self._sessions_changed()
         return True
 
     # ================================================================== health
@@ -522,8 +503,8 @@ class Service:
         self._next_beat = now + self.config.health.heartbeat_interval_seconds
         if self.config.file_watcher.mode == "registered" and self.db_ready:
             with contextlib.suppress(Exception):
-                self.tracker.load(self.store.load_sessions())
-                self.transcripts.refilter()
+                self.tracker.load(self.store.load_sessions())  # registrations by the CLI
+                self._sessions_changed()
         if self.db_ready:
             self._check_lock()
         self._write_status()
@@ -540,10 +521,13 @@ class Service:
             self._next_status = now + STATUS_EVERY_S
             self._write_status()
 
-    def _maybe_rescan(self, now: float) -> None:
-        if self.transcripts.watch_limit_reached and now >= self._next_rescan:
-            self._next_rescan = now + RESCAN_INTERVAL_S
-            self.transcripts.rescan()
+    def _sessions_changed(self) -> None:
+        if sum(s.sessions_changed() for s in self.sources) >= TRIM_AFTER_FILES:
+            release_free_memory()  # what those streams' state held goes back to the OS
+
+    def _tick(self, now: float) -> None:
+        for source in self.sources:
+            self._ticks[source.name] = source.tick(now)
 
     def snapshot(self) -> dict[str, Any]:
         m = self.store.metrics
@@ -566,20 +550,11 @@ class Service:
             "checkpoint_conflicts": self.checkpoint_conflicts,
             "lag_bytes": sum(s.lag_bytes() for s in self.sources),
             "sessions_watched": self.tracker.active_count,
-            "files_watched": len(self.transcripts.files),
-            "files_held": len(self.transcripts.held),
             "lines_read": c.lines,
             "turns": c.turns,
             "skipped": c.skipped,
-            "projects_path": str(self.config.projects_path),
-            "projects_path_present": self.transcripts.root_present,
-            "projects_path_problem": (
-                None
-                if self.transcripts.root_present
-                else projects_path_problem(self.config.projects_path)
-            ),
             "last_error": self.last_error,
-        }
+        } | {k: v for source in self.sources for k, v in source.health().items()}
 
     def _write_status(self) -> None:
         try:

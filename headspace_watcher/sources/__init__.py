@@ -26,15 +26,19 @@ sources through this contract and nothing else:
 
 ``hold(path, reason, delay_for)`` sets a stream aside whose records the store refuses even
 one by one (retried after a capped backoff or when it changes; every other stream goes on).
-``closed_sessions()`` names the sessions whose stream disappeared (the loop ends them),
-``reload(states)`` adopts checkpoints re-read from the store (after a reconnect or a
-conflict), and ``lag_bytes()`` counts complete-record bytes not yet committed (``status``).
+Around that: ``start()`` discovers the streams; ``reload(states)`` adopts checkpoints re-read
+from the store after a (re)connect and offers every stream again; ``conflicted(chunks)``
+re-reads those streams' checkpoints after the store refused a batch as stale;
+``sessions_changed()`` is told when session states changed (a source may drop state it no
+longer needs; it returns how many streams it forgot); ``tick(now)`` does periodic upkeep and
+says when it next wants to run; ``closed_sessions()`` names the sessions whose stream
+disappeared (the loop ends them); ``lag_bytes()`` and ``health()`` feed ``status``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from headspace_watcher.records import Chunk, StreamState
 
@@ -94,15 +98,23 @@ class Source(Protocol):
 
     def rolled_back(self, chunks: list[Chunk]) -> None: ...
 
+    def start(self) -> None: ...
+
     def hold(self, path: str, reason: str, delay_for: Callable[[int], float]) -> bool: ...
 
-    def retry_held(self, now: float) -> None: ...
-
-    def next_held_retry(self) -> float | None: ...
+    def tick(self, now: float) -> float | None: ...
 
     def closed_sessions(self) -> list[str]: ...
 
     def reload(self, states: dict[str, StreamState]) -> None: ...
+
+    def conflicted(self, chunks: list[Chunk]) -> None: ...
+
+    def sessions_changed(self) -> int: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def found(self) -> int: ...
 
     def lag_bytes(self) -> int: ...
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from headspace_watcher.errors import StreamRefused
 from headspace_watcher.records import Chunk, FileContext, StreamState
@@ -39,6 +40,7 @@ from headspace_watcher.sources.tree import TreeWatcher
 log = logging.getLogger(__name__)
 
 KIND = "transcript"
+RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 HELD_RETRY_MAX_S = 300.0
 OUTSIDE_TREE_REASON = "outside_tree: symlink or path outside the projects root; not read"
 REGISTER_MAX = 1000  # new files registered in one transaction
@@ -104,6 +106,7 @@ class TranscriptSource:
         self._closed: list[str] = []
         self._monotonic = monotonic
         self.held: dict[str, Held] = {}
+        self._next_rescan = 0.0
         # checkpoints handed over in bulk for files not tracked yet (taken by ``_track``)
         self._known: dict[str, StreamState] = {}
 
@@ -375,6 +378,45 @@ class TranscriptSource:
                 tf.source = state
             elif path in self.dirty:
                 self._known[path] = state
+        self.mark_all_pending()  # what happened while we were away is read again
+
+    def conflicted(self, chunks: list[Chunk]) -> None:
+        """Their checkpoints moved under us (or a session ended): re-read them, re-filter."""
+        self.reload_from_store(chunks)
+        self.refilter()
+
+    def sessions_changed(self) -> int:
+        """The tracker's view changed (ends, registrations): re-filter, forget settled files;
+        how many were forgotten."""
+        if self._wanted is not None:
+            self.refilter()
+        return self.forget_settled()
+
+    def tick(self, now: float) -> float | None:
+        """Periodic upkeep: held files due again, rescans once the inotify watch limit was
+        reached; when it next wants to be called."""
+        self.retry_held(now)
+        wants = [r for r in (self.next_held_retry(),) if r is not None]
+        if self.watcher.watch_limit_reached:
+            if now >= self._next_rescan:
+                self._next_rescan = now + RESCAN_INTERVAL_S
+                self.rescan()
+            wants.append(self._next_rescan)
+        return min(wants, default=None)
+
+    def health(self) -> dict[str, Any]:
+        """What ``status`` shows of this source."""
+        return {
+            "files_watched": len(self.files),
+            "files_held": len(self.held),
+            "projects_path": str(self.root),
+            "projects_path_present": self.root_present,
+            "projects_path_problem": None if self.root_present else path_problem(self.root),
+        }
+
+    def found(self) -> int:
+        """Streams known so far (for the ready log line)."""
+        return len(self.dirty) + len(self.files)
 
     def reload_from_store(self, chunks: list[Chunk]) -> None:
         """After a conflict: the checkpoints of these files as the store has them now."""
@@ -492,3 +534,17 @@ def _size(path: str) -> int | None:
 def _default_delay(failures: int) -> float:
     """Held for its checkpoint row: retried after 2, 4, 8 … s (capped)."""
     return float(2**failures)
+
+
+def path_problem(path: os.PathLike[str] | str) -> str | None:
+    """What is wrong with the projects path ("does not exist", "is not a directory"), or
+    None when it is a directory we can list."""
+    try:
+        with os.scandir(path):
+            return None
+    except FileNotFoundError:
+        return "does not exist"
+    except NotADirectoryError:
+        return "is not a directory"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
