@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
+from typing import Any
 
 import pytest
 from gen import TreeGen, append, partial_tail, write_tree
@@ -38,21 +40,7 @@ def test_kill9_during_catch_up(chaos_env: ChaosEnv, exactly_once: object) -> Non
     while kills < KILLS:
         _top_up(env, gen, min_lag)
         before = env.committed()
-        w = env.start()
-        if rng.random() < 0.5:
-            # Kill just after a commit, plus a few milliseconds: lands mid-batch.
-            wait_for(
-                lambda w=w, b=before: not w.alive() or env.committed() > b,
-                "progress",
-                timeout=30,
-                details=w.log,
-            )
-            time.sleep(rng.uniform(0, 0.03))  # fault schedule
-        else:
-            time.sleep(rng.uniform(0, 0.8))  # fault schedule: may land in start-up
-        assert w.alive(), f"seed {seed}: watcher died on its own:\n{w.log()}"
-        lag = env.lag()
-        w.kill9()
+        w, lag = _start_and_kill(env, rng, seed, mid_batch=0.5, otherwise_within=0.8)
         durations.append(time.monotonic() - w.started)
         kills += 1
         mid_catch_up += lag > 0
@@ -103,21 +91,7 @@ def test_kill9_during_many_file_catch_up(chaos_env: ChaosEnv, exactly_once: obje
         if kills:  # while it is down: new sessions, and lines for ended ones
             gen.tree(rng.randrange(1, MANY_SESSIONS // 4))
             write_tree(gen, rng.sample(gen.files, k=len(gen.files) // 3), (1, 4))
-        before = env.committed()
-        w = env.start()
-        if rng.random() < 0.6:  # just after a commit, plus a few milliseconds: mid-batch
-            wait_for(
-                lambda w=w, b=before: not w.alive() or env.committed() > b,
-                "progress",
-                timeout=30,
-                details=w.log,
-            )
-            time.sleep(rng.uniform(0, 0.03))  # fault schedule
-        else:
-            time.sleep(rng.uniform(0, 1.5))  # fault schedule: start-up, catch-up or ends
-        assert w.alive(), f"seed {seed}: watcher died on its own:\n{w.log()}"
-        lag = env.lag()
-        w.kill9()
+        w, lag = _start_and_kill(env, rng, seed, mid_batch=0.6, otherwise_within=1.5)
         kills += 1
         mid_catch_up += lag > 0
         assert_exact(env.engine, snapshot(env.root), max_line_bytes=env.max_line, final=False,
@@ -150,3 +124,27 @@ def test_kill9_during_many_file_catch_up(chaos_env: ChaosEnv, exactly_once: obje
         f"{sum(len(r) for r, _e in epochs.values())} registrations"
     )
     assert mid_catch_up >= kills // 3, f"seed {seed}: only {mid_catch_up}/{kills} mid-catch-up"
+
+
+def _start_and_kill(
+    env: ChaosEnv, rng: random.Random, seed: int, *, mid_batch: float, otherwise_within: float
+) -> tuple[Any, int]:
+    """Start a watcher and kill -9 it: with probability ``mid_batch`` just after a commit plus
+    a few milliseconds (mid-batch), else at a random instant up to ``otherwise_within`` s
+    (start-up, catch-up or session ends). Returns the watcher and the lag at the kill."""
+    before = env.committed()
+    w = env.start()
+    if rng.random() < mid_batch:
+        wait_for(
+            lambda: not w.alive() or env.committed() > before,
+            "progress",
+            timeout=30,
+            details=w.log,
+        )
+        time.sleep(rng.uniform(0, 0.03))  # fault schedule
+    else:
+        time.sleep(rng.uniform(0, otherwise_within))  # fault schedule
+    assert w.alive(), f"seed {seed}: watcher died on its own:\n{w.log()}"
+    lag = env.lag()
+    w.kill9()
+    return w, lag
