@@ -6,7 +6,6 @@ so they are what keeps the layers from importing each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -108,14 +107,6 @@ class Chunk:
     @property
     def count(self) -> int:
         return len(self.records) + len(self.oversized)
-
-    def take_records(self) -> Iterator[tuple[int, bytes]]:
-        """Each record once, its bytes dropped from here as it is handed over: a huge line is
-        then not kept alive beside its parsed text until the batch commits."""
-        records = self.records
-        for i, item in enumerate(records):
-            records[i] = (item[0], b"")
-            yield item
 
     @property
     def nbytes(self) -> int:

@@ -9,7 +9,12 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headspace_watcher.ingest.transcript import LineOutcome, _parse_line, parse_line
+from headspace_watcher.ingest.transcript import (
+    LineOutcome,
+    _parse_line,
+    parse_line,
+    parse_line_owned,
+)
 from headspace_watcher.sources.layout import file_context
 from headspace_watcher.taxonomy import validate_payload
 
@@ -297,6 +302,35 @@ def test_fast_parse_agrees_with_standard_on_json_lines(
     raw = serialise(obj, ascii_only, crlf)
 
     assert parse_line(raw, ctx, now=fixed_now) == standard(raw, ctx)
+
+
+def owned(raw: bytes, ctx: Any) -> LineOutcome:
+    return parse_line_owned([raw], ctx, now=fixed_now)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=400), ctx=contexts)
+def test_owned_parse_of_huge_lines_agrees_on_arbitrary_bytes(raw: bytes, ctx: Any) -> None:
+    """The path for huge lines (bytes handed over, freed once decoded) decides every line
+    exactly as ``parse_line`` does."""
+    assert owned(raw, ctx) == parse_line(raw, ctx, now=fixed_now)
+
+
+@FUZZ
+@given(
+    obj=line_objects,
+    usage=wide_usage,
+    ascii_only=st.booleans(),
+    crlf=st.booleans(),
+    ctx=contexts,
+)
+def test_owned_parse_of_huge_lines_agrees_on_json_lines(
+    obj: dict[str, Any], usage: dict[str, Any], ascii_only: bool, crlf: bool, ctx: Any
+) -> None:
+    if isinstance(obj["message"], dict):
+        obj["message"] = {**obj["message"], "usage": usage}
+    raw = serialise(obj, ascii_only, crlf)
+    assert owned(raw, ctx) == parse_line(raw, ctx, now=fixed_now)
 
 
 def test_usage_beyond_64_bits_is_kept_exact() -> None:

@@ -20,7 +20,12 @@ from datetime import datetime
 from typing import Any
 
 from headspace_watcher.ingest.sessions import SessionTracker
-from headspace_watcher.ingest.transcript import LineOutcome, parse_line
+from headspace_watcher.ingest.transcript import (
+    HUGE_LINE_BYTES,
+    LineOutcome,
+    parse_line,
+    parse_line_owned,
+)
 from headspace_watcher.records import Batch, Chunk, Event, Rejection, SourceAdvance, SourcePosition
 from headspace_watcher.taxonomy import REGISTRY
 
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 # at, set apart from the lines' own sequence numbers (0, 1, …) at that offset.
 UNREADABLE_SEQ = -1
 
+_REJECTION_HEAD = 64 * 1024  # the store keeps at most this much of a rejected line's text
 Deriver = Callable[[LineOutcome], Iterator[dict[str, Any]]]
 _DERIVERS: dict[str, Deriver] = {}
 
@@ -100,14 +106,24 @@ class Deriving:
         st = chunk.state
         assert st is not None
         now = self.clock()
-        for offset, raw in chunk.take_records():
+        records = chunk.records
+        for i in range(len(records)):
+            offset, raw = records[i]
+            # handed over once: a huge line is not kept alive beside its parsed text
+            records[i] = (offset, b"")
+            length = len(raw)
             self.counters.lines += 1
-            out = parse_line(raw, chunk.context)
+            if length > HUGE_LINE_BYTES:
+                holder = [raw]
+                raw = raw[:_REJECTION_HEAD]  # all a rejection keeps; the parser frees the rest
+                out = parse_line_owned(holder, chunk.context)
+            else:
+                out = parse_line(raw, chunk.context)
             if out.kind == "reject":
                 self.counters.rejected_lines += 1
                 pos = SourcePosition(st.source_id, st.generation, offset, 0)
                 reason = out.reason or "rejected"
-                batch.rejections.append(Rejection(reason, raw, chunk.path, offset, len(raw), pos))
+                batch.rejections.append(Rejection(reason, raw, chunk.path, offset, length, pos))
                 continue
             seq = self._observe(out, st.source_id, st.generation, offset, now, batch)
             derived = 0
