@@ -298,3 +298,20 @@ def test_live_writing_after_unregister_registers_the_session_again(watcher, db_e
     row = session_row(db_engine, S1)
     assert (row.state, row.epoch) == ("active", 2)
     assert turn_texts(db_engine, S1) == ["one", "two"]
+
+
+def test_a_new_session_row_points_at_the_project_and_agent_of_its_own_batch(
+    watcher, db_engine
+) -> None:  # type: ignore[no-untyped-def]
+    """The session, its project and its agent are all new in one batch: the session row must
+    get the ids created in that very transaction, not NULL (only committed ids were seen)."""
+    append(project_dir(watcher.root) / f"{S1}.jsonl", *conversation(S1, 3))
+    watcher.run_once()
+    row = rows(
+        db_engine,
+        "SELECT s.project_id, s.agent_id, p.path, a.session_uuid FROM sessions s "
+        "LEFT JOIN projects p ON p.id = s.project_id LEFT JOIN agents a ON a.id = s.agent_id "
+        "WHERE s.session_uuid = :s",
+        s=S1,
+    )
+    assert [(r.path, r.session_uuid) for r in row] == [("/home/dev/src/demo", S1)]

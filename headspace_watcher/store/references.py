@@ -77,17 +77,21 @@ class References:
     def __init__(self, cache_max: int = ID_CACHE_MAX) -> None:
         self._project_ids = IdCache(cache_max)
         self._agent_ids = IdCache(cache_max)
+        # the ids the transaction under way created: its session rows point at them too
+        self._attempt = NewRefs()
 
     def project_id(self, path: str | None) -> int | None:
-        return self._project_ids.get(path or "")
+        key = path or ""
+        return self._attempt.projects.get(key) or self._project_ids.get(key)
 
     def agent_id(self, key: str) -> int | None:
-        return self._agent_ids.get(key)
+        return self._attempt.agents.get(key) or self._agent_ids.get(key)
 
     def committed(self, refs: NewRefs) -> None:
         """The transaction that created ``refs`` committed: their ids are safe to reuse."""
         self._project_ids.update(refs.projects)
         self._agent_ids.update(refs.agents)
+        self._attempt = NewRefs()
 
     def resolve(
         self, conn: Connection, evts: list[Event], refs: NewRefs, *, careful: bool = False
@@ -99,6 +103,7 @@ class References:
         in a savepoint, the refused ones noted in ``refs.refused_*`` (a path or id beyond an
         index's limit must not take the lines of the batch down with it).
         """
+        self._attempt = refs  # every attempt resolves first; a failed one is replaced here
         paths = {p for e in evts if (p := e.project_path) and self._project_ids.get(p) is None}
         keys = {k for e in evts if (k := e.agent_key) and self._agent_ids.get(k) is None}
         if paths:
