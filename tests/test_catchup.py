@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, event, text
-from watcher_helpers import append, new_uuid, project_dir, scalar, user, wait_for
+from watcher_helpers import append, new_uuid, project_dir, rows, scalar, user, wait_for
 
 from headspace_watcher.errors import CheckpointConflict
 from headspace_watcher.ingest.sessions import EndedEpochs
@@ -75,9 +75,9 @@ def test_many_new_files_are_registered_in_bulk(watcher, db_engine, exactly_once)
     small_sessions(watcher.root, 1500)
     with counting() as seen:
         watcher.run_once()
-    # 1,500 lines at 500 a batch: 3 batches; 1,500 new files: 2 registrations (1,000 each),
+    # 1,500 lines at 500 a batch: 3 batches; 1,500 new files: 3 registrations (500 each),
     # not one transaction per file
-    assert seen.inserts_into("sources") <= 2
+    assert seen.inserts_into("sources") <= 3
     assert seen.commits < 40, seen.commits
     assert scalar(db_engine, "SELECT count(*) FROM sources") == 1500
     exactly_once(db_engine, watcher.root)
@@ -86,12 +86,14 @@ def test_many_new_files_are_registered_in_bulk(watcher, db_engine, exactly_once)
     assert (status["files_watched"], status["sessions_watched"]) == (0, 0)
 
 
-def test_known_files_need_no_round_trip_on_a_rerun(watcher, db_engine, exactly_once) -> None:  # type: ignore[no-untyped-def]
-    small_sessions(watcher.root, 300)
+def test_known_files_are_looked_up_in_bulk_on_a_rerun(watcher, db_engine, exactly_once) -> None:  # type: ignore[no-untyped-def]
+    small_sessions(watcher.root, 1200)
     watcher.run_once()
     with counting() as seen:
         watcher.run_once()
-    assert seen.inserts_into("sources") == 0  # the checkpoints loaded at start are used
+    assert seen.inserts_into("sources") == 0  # known: only read, nothing written for them
+    lookups = sum("FROM sources" in s and "ANY" in s.upper() for s in seen.statements)
+    assert lookups <= 3, lookups  # 1,200 files, 500 to a lookup: not one round trip each
     assert seen.commits < 10, seen.commits
     exactly_once(db_engine, watcher.root)
 
@@ -121,6 +123,75 @@ def test_forgotten_file_is_read_again_from_its_checkpoint(watcher, db_engine, ex
         details=proc.log,
     )
     assert proc.stop() == 0
+    exactly_once(db_engine, watcher.root)
+
+
+def _lifecycle(db_engine: Engine) -> dict[str, list[tuple[str, int]]]:
+    """Per session: its lifecycle events (type, id) in id order."""
+    found = rows(
+        db_engine,
+        "SELECT payload->>'session_uuid', event_type, id FROM events "
+        "WHERE event_type IN ('session_registered', 'session_ended') ORDER BY id",
+    )
+    out: dict[str, list[tuple[str, int]]] = {}
+    for session, kind, ident in found:
+        out.setdefault(session, []).append((kind, ident))
+    return out
+
+
+def test_sessions_end_during_the_backlog_not_after_it(watcher, db_engine, exactly_once) -> None:  # type: ignore[no-untyped-def]
+    """A catch-up over many ended sessions ends them a round at a time as it goes (so it
+    never holds them all active): some session_ended precedes later sessions' turns."""
+    small_sessions(watcher.root, 1500)
+    watcher.run_once()
+    first_end = scalar(db_engine, "SELECT min(id) FROM events WHERE event_type = 'session_ended'")
+    last_turn = scalar(db_engine, "SELECT max(id) FROM events WHERE event_type = 'turn_detected'")
+    assert first_end < last_turn
+    lifecycle = _lifecycle(db_engine)
+    assert len(lifecycle) == 1500
+    assert {tuple(k for k, _ in v) for v in lifecycle.values()} == {
+        ("session_registered", "session_ended")
+    }
+    exactly_once(db_engine, watcher.root)
+
+
+def test_a_session_with_unread_lines_is_not_ended_during_the_backlog(
+    watcher, db_engine, exactly_once
+) -> None:  # type: ignore[no-untyped-def]
+    """Ended early, a session whose sub-agent (2.1.x folder or 2.0.x file beside it) or own
+    transcript still had unread lines would be registered again when they are read: each
+    session is registered once and ended once, after the last of its lines."""
+    sessions: list[str] = []
+    for i in range(900):
+        session = new_uuid()
+        sessions.append(session)
+        proj = project_dir(watcher.root, f"-home-dev-src-q{i % 2}")
+        append(proj / f"{session}.jsonl", user(session, f"main {i}", at=OLD))
+        lines = [user(session, f"agent {i}.{j}", at=OLD + timedelta(seconds=j)) for j in range(3)]
+        agent = (
+            proj / session / "subagents" / f"agent-a{i}.jsonl"
+            if i % 3
+            else proj / f"agent-b{i}.jsonl"  # 2.0.x: names no session, its lines do
+        )
+        append(agent, *lines)
+    watcher.run_once()
+    lifecycle = _lifecycle(db_engine)
+    assert sorted(lifecycle) == sorted(sessions)
+    again = {
+        s: v
+        for s, v in lifecycle.items()
+        if [k for k, _ in v] != ["session_registered", "session_ended"]
+    }
+    assert not again, f"{len(again)} sessions registered again, e.g. {next(iter(again.items()))}"
+    last_line = dict(
+        rows(
+            db_engine,
+            "SELECT payload->>'session_uuid', max(id) FROM events "
+            "WHERE event_type = 'turn_detected' GROUP BY 1",
+        )
+    )
+    early = [s for s, v in lifecycle.items() if v[1][1] < last_line[s]]
+    assert not early, f"{len(early)} sessions ended before their last line"
     exactly_once(db_engine, watcher.root)
 
 

@@ -114,6 +114,28 @@ def test_start_discovers_every_transcript_layout_and_nothing_else(root: Path, ma
     assert w.root_present
 
 
+def test_project_folders_are_listed_one_at_a_time_and_watched_from_the_start(
+    root: Path, make_watcher
+) -> None:
+    """``watch_tree`` sets every project folder's watch but lists none (a catch-up holds one
+    folder's files at a time); a write in a folder not listed yet is still reported, and
+    ``list_next`` lists each folder once, sub-agent folders included."""
+    a, b = root / "-home-dev-a", root / "-home-dev-b"
+    in_a = {touch(a / f"{SESSION}.jsonl"), touch(a / SESSION / "subagents" / "agent-x.jsonl")}
+    in_b = {touch(b / f"{SESSION_2}.jsonl")}
+    w = make_watcher(root)
+    assert w.watch_tree() == []
+    assert set(w.unlisted) == {str(a), str(b)}
+    c = Collector(w)
+    later = touch(b / "agent-late.jsonl", b"{}\n")  # written before its folder is listed
+    c.until("the write in the folder not listed yet", lambda: later in c.dirty)
+    listed = [set(w.list_next()), set(w.list_next())]
+    assert not w.unlisted
+    assert sorted(listed, key=len) == sorted([in_b | {later}, in_a], key=len)
+    sub = touch(a / SESSION / "subagents" / "agent-y.jsonl", b"{}\n")  # its folder is watched
+    c.until("a new sub-agent of a listed folder", lambda: sub in c.dirty)
+
+
 def test_files_and_folders_created_after_start_are_reported(root: Path, make_watcher) -> None:
     w = make_watcher(root)
     assert w.start() == []

@@ -9,7 +9,6 @@ Decisions are staged and become the tracker's state only once their batch has co
 
 from __future__ import annotations
 
-import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable
@@ -203,10 +202,6 @@ class SessionTracker:
         else:
             epoch = self._ended.get(session_uuid) + 1
             monitored = session_uuid in self._ended_monitored
-        # interned: one string per session and project, shared with every file's context
-        session_uuid = sys.intern(session_uuid)
-        if project_path:
-            project_path = sys.intern(project_path)
         info = SessionInfo(session_uuid, "active", epoch, at, at, project_path, monitored)
         self._staged[session_uuid] = info
         path = project_path or working_directory or "unknown"

@@ -51,7 +51,8 @@ EXIT_OK, EXIT_FAILED, EXIT_LOCKED = 0, 1, 4
 TRIM_AFTER_BYTES = 1 << 20  # ingested since the last release_free_memory()
 TRIM_AFTER_FILES = 100  # forgotten at once (their sessions ended)
 STATUS_EVERY_S = 1.0
-_MAX_END_ROUNDS = 1000  # 500 sessions each: a bound, never reached by a real tree
+END_ROUND = 500  # sessions ended in one transaction
+_MAX_END_ROUNDS = 1000  # END_ROUND sessions each: a bound, never reached by a real tree
 
 
 def _utcnow() -> datetime:
@@ -116,6 +117,7 @@ class Service:
         self._ticks: dict[str, float | None] = {}  # when each source wants its next tick
         self._next_status = 0.0
         self._untrimmed = 0  # bytes ingested since the last release_free_memory()
+        self._quiet_floor = 0  # timed-out sessions that still had unread lines, last look
         self.checkpoint_conflicts = 0  # batches refused by the guard (0 in steady state)
 
     @property
@@ -198,9 +200,8 @@ class Service:
             self.store.init()
             self.lock.acquire()
             self.tracker.load(self.store.load_sessions())
-            states = self.store.checkpoints.load_all()
             for source in self.sources:
-                source.reload(states)
+                source.reload()
         except AnotherInstance as exc:
             if not self.lock.ever_held:
                 raise  # at start-up: refuse, the other one is the service
@@ -270,7 +271,7 @@ class Service:
                 log.error("database unreachable; --once cannot finish")
                 return EXIT_FAILED
             if self._pending():
-                if not self._step():
+                if not self._step() or not self._end_quiet_sessions():
                     return EXIT_FAILED
                 continue
             if not self._end_due_sessions():
@@ -295,7 +296,8 @@ class Service:
                 self._maybe_beat(now)
                 continue
             if self._pending():
-                self._step()
+                if self._step():
+                    self._end_quiet_sessions()
                 if not self._pending() and self._untrimmed >= TRIM_AFTER_BYTES:
                     self._untrimmed = 0
                     release_free_memory()  # backlog drained: give its heap back
@@ -461,14 +463,38 @@ class Service:
             self._end_sessions(ends)
 
     def _end_due_sessions(self) -> bool:
-        """Every session past its inactivity deadline, 500 to a transaction."""
+        """Every session past its inactivity deadline, ``END_ROUND`` to a transaction."""
         for _ in range(_MAX_END_ROUNDS):
             due = self.tracker.due(self.clock())
             if not due or self.stopping:
                 return True
-            if not self._end_sessions([(s, "timeout", at) for s, at in due[:500]]):
+            if not self._end_sessions([(s, "timeout", at) for s, at in due[:END_ROUND]]):
                 return False
         return True
+
+    def _end_quiet_sessions(self) -> bool:
+        """During a backlog: end, a round at a time, the timed-out sessions that nothing
+        unread can still hold lines of.
+
+        A catch-up over years of history then keeps a round of sessions (and their files)
+        in memory, not all of them until the backlog is read; and each is still ended
+        once, after its last line (ending one whose lines are still unread would register
+        it again when they are read). False if the database failed.
+        """
+        due = self.tracker.due(self.clock())
+        if len(due) < self._quiet_floor + END_ROUND:
+            return True
+        quiet = [(s, "timeout", at) for s, at in due if not self._may_hold(s)]
+        self._quiet_floor = len(due) - len(quiet)  # not quiet yet: wait for a round more
+        for start in range(0, len(quiet), END_ROUND):
+            if self.stopping:
+                return True
+            if not self._end_sessions(quiet[start : start + END_ROUND]):
+                return False
+        return True
+
+    def _may_hold(self, session_uuid: str) -> bool:
+        return any(source.may_hold(session_uuid) for source in self.sources)
 
     def _end_sessions(self, ends: list[tuple[str, str, datetime]]) -> bool:
         batch = Batch()

@@ -26,8 +26,9 @@ sources through this contract and nothing else:
 
 ``hold(path, reason, delay_for)`` sets a stream aside whose records the store refuses even
 one by one (retried after a capped backoff or when it changes; every other stream goes on).
-Around that: ``start()`` discovers the streams; ``reload(states)`` adopts checkpoints re-read
-from the store after a (re)connect and offers every stream again; ``conflicted(chunks)``
+Around that: ``start()`` discovers the streams (it may list them lazily: ``pending()`` stays
+true until all are known); ``reload()`` re-reads the checkpoints of the streams it tracks
+after a (re)connect and offers every stream again; ``conflicted(chunks)``
 re-reads those streams' checkpoints after the store refused a batch as stale;
 ``sessions_changed()`` is told when session states changed (a source may drop state it no
 longer needs; it returns how many streams it forgot); ``tick(now)`` does periodic upkeep and
@@ -68,7 +69,7 @@ class Budget:
 class Checkpoints(Protocol):
     """Durable stream positions, as a source may use them (never to move an offset)."""
 
-    def load_all(self) -> dict[str, StreamState]: ...
+    def load_many(self, paths: list[str]) -> dict[str, StreamState]: ...
 
     def load(self, path: str) -> StreamState | None: ...
 
@@ -106,11 +107,13 @@ class Source(Protocol):
 
     def closed_sessions(self) -> list[str]: ...
 
-    def reload(self, states: dict[str, StreamState]) -> None: ...
+    def reload(self) -> None: ...
 
     def conflicted(self, chunks: list[Chunk]) -> None: ...
 
     def sessions_changed(self) -> int: ...
+
+    def may_hold(self, session_uuid: str) -> bool: ...
 
     def health(self) -> dict[str, Any]: ...
 

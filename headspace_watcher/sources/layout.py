@@ -80,3 +80,17 @@ def file_context(path: str | Path, projects_root: str | Path) -> FileContext:
         subagent_hint=subagent_hint,
         project_hint=project_hint,
     )
+
+
+def stream_owner(path: str, projects_root: str) -> tuple[str, str | None]:
+    """(project folder, what names its session) of a transcript path: the path itself for
+    ``<uuid>.jsonl``, ``<folder>/<uuid>`` for that session's sub-agents, None when the path
+    names no session (a 2.0.x ``agent-<id>.jsonl``: its lines do)."""
+    ctx = file_context(path, projects_root)
+    folder = os.path.dirname(path)
+    if ctx.session_hint is None:
+        return folder, None
+    if os.path.basename(folder) == "subagents":
+        session_dir = os.path.dirname(folder)
+        return os.path.dirname(session_dir), session_dir
+    return folder, path

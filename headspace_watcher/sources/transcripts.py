@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from typing import Any
 from headspace_watcher.errors import StreamRefused
 from headspace_watcher.records import Chunk, FileContext, StreamState
 from headspace_watcher.sources import Budget, Checkpoints
-from headspace_watcher.sources.layout import file_context
+from headspace_watcher.sources.layout import file_context, stream_owner
+from headspace_watcher.sources.pending import PendingStreams
 from headspace_watcher.sources.reader import (
     FileReplaced,
     OutsideTree,
@@ -43,7 +43,8 @@ KIND = "transcript"
 RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 HELD_RETRY_MAX_S = 300.0
 OUTSIDE_TREE_REASON = "outside_tree: symlink or path outside the projects root; not read"
-REGISTER_MAX = 1000  # new files registered in one transaction
+REGISTER_MAX = 500  # new files registered in one transaction
+LIST_AHEAD = 1000  # pending files below which the next project folder is listed
 
 
 @dataclass(slots=True)
@@ -100,7 +101,8 @@ class TranscriptSource:
         self._wanted = wanted
         self._settled = settled
         self.files: dict[str, TrackedFile] = {}
-        self.dirty: dict[str, None] = {}  # insertion-ordered set: fair round robin
+        # insertion-ordered: fair round robin; knows whose lines are still unread
+        self.dirty = PendingStreams(lambda path: stream_owner(path, self._root))
         self.unwatched: set[str] = set()  # registered mode: files of sessions not monitored
         self._deleted: list[str] = []
         self._closed: list[str] = []
@@ -112,7 +114,7 @@ class TranscriptSource:
 
     # ------------------------------------------------------------------ what is new
     def start(self) -> None:
-        self._discover(self.watcher.start())
+        self._discover(self.watcher.watch_tree())
 
     def fileno(self) -> int:
         return self.watcher.fileno()
@@ -129,24 +131,24 @@ class TranscriptSource:
         self._discover(self.watcher.rescan())
 
     def pending(self) -> bool:
-        return bool(self.dirty)
+        return bool(self.dirty) or bool(self.watcher.unlisted)
 
     def mark_all_pending(self) -> None:
         for path in self.files:
-            self.dirty[path] = None
+            self.dirty.add(path)
 
     def refilter(self) -> None:
         """Registered mode: drop files of sessions no longer monitored, retry the others."""
         for path, tf in list(self.files.items()):
             if not self._is_wanted(path, tf.ctx):
                 self.files.pop(path, None)
-                self.dirty.pop(path, None)
+                self.dirty.discard(path)
                 self.unwatched.add(path)
         self._discover(list(self.unwatched))
 
     def _discover(self, paths: Iterable[str]) -> None:
         for path in paths:
-            self.dirty[path] = None
+            self.dirty.add(path)
 
     # ------------------------------------------------------------------ reading
     def read(self, budget: Budget) -> list[Chunk]:
@@ -155,12 +157,13 @@ class TranscriptSource:
         Deletions seen meanwhile are acted on afterwards (``closed_sessions``).
         """
         chunks: list[Chunk] = []
+        self._list_ahead()
         self._register_new()
         for path in list(self.dirty):
             if budget.exhausted:
                 break
             if self._held_now(path):
-                self.dirty.pop(path, None)
+                self.dirty.discard(path)
                 continue
             chunk = self._read_file(path, budget)
             if chunk is not None:
@@ -171,23 +174,29 @@ class TranscriptSource:
         self._deleted.clear()
         if not self.dirty:  # backlog done: what is still known is of files gone meanwhile
             self._known.clear()
-            self.dirty.clear()  # empty already: this frees a backlog's table
+            self.dirty.clear()  # empty already: this frees a backlog's tables
         return chunks
+
+    def _list_ahead(self) -> None:
+        """List project folders not listed yet while fewer than ``LIST_AHEAD`` files are
+        pending: a backlog's paths are then held a folder or so at a time."""
+        while len(self.dirty) < LIST_AHEAD and self.watcher.unlisted:
+            self._discover(self.watcher.list_next())
 
     def _read_file(self, path: str, budget: Budget) -> Chunk | None:
         try:
             tf = self._track(path)
             if tf is None:
-                self.dirty.pop(path, None)
+                self.dirty.discard(path)
                 return None
             res = self._read(tf, budget)
         except StreamRefused as exc:  # its checkpoint row: refused for good
-            self.dirty.pop(path, None)
+            self.dirty.discard(path)
             if not self.hold(path, str(exc), _default_delay):
                 return None
             return Chunk(KIND, path, None, 0, 0, failure=f"file_held: {exc}")
         except FileNotFoundError:
-            self.dirty.pop(path, None)
+            self.dirty.discard(path)
             self._deleted.append(path)
             return None
         except OutsideTree:
@@ -202,7 +211,7 @@ class TranscriptSource:
         if res is None:
             return None
         if not res.more:
-            self.dirty.pop(path, None)
+            self.dirty.discard(path)
         if res.end_offset == tf.source.committed_offset:
             self._forget_if_settled(tf)
             return None
@@ -246,7 +255,7 @@ class TranscriptSource:
     def _unread(self, path: str, reason: str, message: str) -> Chunk | None:
         """Log once and leave one content-free record per file and checkpoint; retried when
         the file changes again."""
-        self.dirty.pop(path, None)
+        self.dirty.discard(path)
         tf = self.files.get(path)
         if tf is not None and tf.error == reason:
             return None
@@ -273,6 +282,8 @@ class TranscriptSource:
         self.unwatched.discard(path)
         ident = identity(path)
         state = self._known.pop(path, None)
+        if state is None and self._register_new(now=True):  # the next ones, this one first
+            state = self._known.pop(path, None)
         if state is None:
             state = self.checkpoints.register(path, ident.inode, ident.device)
         state = self._reconcile(state, path, ident.inode, ident.device, ident.size)
@@ -282,15 +293,19 @@ class TranscriptSource:
         self.files[path] = tf
         return tf
 
-    def _register_new(self) -> None:
+    def _register_new(self, *, now: bool = False) -> bool:
         """Checkpoints of new dirty files in bulk (a catch-up of a tree): one transaction
         per ``REGISTER_MAX`` files instead of one each in ``_track``; each file stat'ed once.
 
-        Files already known (``_known``: from the store at connect, or registered earlier)
-        need no round trip at all.
+        Known files are looked up in the same round trip (nothing written for them).
+        Ahead of reading by at most ``REGISTER_MAX`` files (unless a file is wanted ``now``),
+        so a tree of any size costs that many states in memory, not one per file. True when
+        it registered some.
         """
         if self._wanted is not None:  # registered mode: whether to read it is decided first
-            return
+            return False
+        if not now and len(self._known) >= REGISTER_MAX // 2:
+            return False  # enough ahead of reading: memory stays flat
         new: list[tuple[str, int, int]] = []
         for path in self.dirty:
             if path in self.files or path in self._known:
@@ -300,8 +315,10 @@ class TranscriptSource:
                 new.append((path, ident.inode, ident.device))
             if len(new) >= REGISTER_MAX:
                 break
-        if len(new) > 1:
-            self._known.update(self.checkpoints.register_many(new))
+        if len(new) <= 1:
+            return False
+        self._known.update(self.checkpoints.register_many(new))
+        return True
 
     def _reconcile(
         self, state: StreamState, path: str, inode: int, device: int, size: int
@@ -366,18 +383,18 @@ class TranscriptSource:
                 if tf is not None:
                     tf.error = None
                 self.held.pop(c.path, None)
-            self.dirty[c.path] = None
+            self.dirty.add(c.path)
 
-    def reload(self, states: dict[str, StreamState]) -> None:
-        """Adopt the store's checkpoints: tracked files at once, dirty untracked ones when
-        they are tracked (so a known file needs no round trip of its own)."""
+    def reload(self) -> None:
+        """Adopt the store's checkpoints of the tracked files (after a reconnect: they may
+        have moved meanwhile) and offer every file again. Untracked files need none: they
+        are looked up, in bulk, when they are read."""
         self._known.clear()
+        states = self.checkpoints.load_many(list(self.files))
         for path, state in states.items():
             tf = self.files.get(path)
             if tf is not None:
                 tf.source = state
-            elif path in self.dirty:
-                self._known[path] = state
         self.mark_all_pending()  # what happened while we were away is read again
 
     def conflicted(self, chunks: list[Chunk]) -> None:
@@ -391,6 +408,10 @@ class TranscriptSource:
         if self._wanted is not None:
             self.refilter()
         return self.forget_settled()
+
+    def may_hold(self, session_uuid: str) -> bool:
+        """Can a stream not read to its end yet hold lines of ``session_uuid``?"""
+        return self.dirty.may_hold(session_uuid)
 
     def tick(self, now: float) -> float | None:
         """Periodic upkeep: held files due again, rescans once the inotify watch limit was
@@ -430,7 +451,7 @@ class TranscriptSource:
     def hold(self, path: str, reason: str, delay_for: Callable[[int], float]) -> bool:
         """Skip ``path`` until it changes or a capped backoff passes; True when the reason
         is new (the caller records it once)."""
-        self.dirty.pop(path, None)
+        self.dirty.discard(path)
         previous = self.held.get(path)
         failures = previous.failures + 1 if previous else 1
         delay = min(HELD_RETRY_MAX_S, delay_for(failures))
@@ -456,14 +477,14 @@ class TranscriptSource:
             if now >= held.retry_at:
                 held.retry_at = math.inf  # once: a new hold sets the next retry
                 held.due = True
-                self.dirty[path] = None
+                self.dirty.add(path)
 
     def next_held_retry(self) -> float | None:
         return min((h.retry_at for h in self.held.values()), default=None)
 
     # ------------------------------------------------------------------ deletions
     def _file_deleted(self, path: str) -> None:
-        self.dirty.pop(path, None)
+        self.dirty.discard(path)
         self._known.pop(path, None)
         self.held.pop(path, None)
         tf = self.files.pop(path, None)
@@ -514,13 +535,14 @@ class TranscriptSource:
 
 
 def _compact(ctx: FileContext, path: str) -> FileContext:
-    """``ctx`` sharing what it repeats: the tracked path itself, and the session and project
-    names interned (the same strings as every other file's and session's of them)."""
-    return FileContext(
-        path if ctx.path == path else ctx.path,
-        None if ctx.session_hint is None else sys.intern(ctx.session_hint),
-        ctx.subagent_hint,
-        None if ctx.project_hint is None else sys.intern(ctx.project_hint),
+    """``ctx`` sharing the tracked path string instead of holding a second copy of it.
+
+    (Not ``sys.intern``: the interpreter's table of interned strings never shrinks, so a
+    catch-up of 10,000 sessions would leave it megabytes larger for good.)"""
+    return (
+        ctx
+        if ctx.path != path or ctx.path is path
+        else FileContext(path, ctx.session_hint, ctx.subagent_hint, ctx.project_hint)
     )
 
 

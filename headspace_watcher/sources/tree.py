@@ -64,10 +64,13 @@ class TreeWatcher:
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
         self._inotify = INotify()
-        self._dirs: dict[int, Path] = {}  # wd -> folder inside the tree
+        # wd -> folder inside the tree, as a string: a tree of 10,000 sessions with sub-agents
+        # has 20,000 of them, and a Path costs ~3x its string
+        self._dirs: dict[int, str] = {}
         self._ancestor: tuple[int, Path] | None = None  # waiting for the root to appear
         self.watch_limit_reached = False
         self.root_present = False
+        self.unlisted: dict[str, None] = {}  # project folders watched, not listed yet
 
     def fileno(self) -> int:
         return self._inotify.fileno()
@@ -82,18 +85,49 @@ class TreeWatcher:
     # ------------------------------------------------------------------ set-up
     def start(self) -> list[str]:
         """Watch the tree (or the nearest existing ancestor) and return the files present."""
+        found = self.watch_tree()
+        while self.unlisted:
+            found.extend(self.list_next())
+        return found
+
+    def watch_tree(self) -> list[str]:
+        """Watch the root and every project folder in it, leaving the project folders to be
+        listed by ``list_next``: a catch-up then holds one folder's pending files at a
+        time, not the whole tree's. Events in a folder not listed yet are reported as
+        usual (its watch is set first), so nothing written meanwhile goes unseen."""
         if not self.root.is_dir():
-            return self._wait_for_root()
+            return self._wait_for_root(list_now=False)
         self.root_present = True
         self._drop_ancestor()
-        return self._add_tree(self.root, 0)
+        if not self._watch(self.root, DIR_MASK):
+            return []
+        try:
+            entries = _list_folder(self.root, follow=True)
+        except OSError as exc:
+            log.warning("cannot list folder", extra={"path": str(self.root), "error": exc.strerror})
+            return []
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    folder = self.root / entry.name
+                    if self._watch(folder, SUBDIR_MASK):
+                        self.unlisted[str(folder)] = None
+        return []
+
+    def list_next(self) -> list[str]:
+        """The transcript files of the next project folder not listed yet (and its session
+        folders watched)."""
+        folder = next(iter(self.unlisted))
+        del self.unlisted[folder]
+        return self._add_tree(Path(folder), 1)
 
     def rescan(self) -> list[str]:
-        """Every transcript file present now; also re-adds watches (after overflow)."""
-        return self.start()
+        """Re-add every watch (after an overflow); the project folders are listed again."""
+        return self.watch_tree()
 
-    def _wait_for_root(self) -> list[str]:
-        """Watch the nearest existing ancestor; the files present if the root just appeared."""
+    def _wait_for_root(self, *, list_now: bool) -> list[str]:
+        """Watch the nearest existing ancestor; the files present if the root just appeared
+        (all of them with ``list_now``, as an event reports them; else see ``watch_tree``)."""
         self.root_present = False
         probe = self.root.parent
         while not probe.is_dir() and probe != probe.parent:
@@ -109,7 +143,7 @@ class TreeWatcher:
         self._ancestor = (wd, probe)
         log.info("projects path does not exist yet; waiting", extra={"path": str(self.root)})
         if self.root.is_dir():  # appeared between the check and the watch
-            return self.start()
+            return self.start() if list_now else self.watch_tree()
         return []
 
     def _drop_ancestor(self) -> None:
@@ -127,16 +161,18 @@ class TreeWatcher:
         except OSError as exc:
             log.warning("cannot list folder", extra={"path": str(folder), "error": exc.strerror})
             return found
+        base = str(folder)
         for entry in entries:
-            path = folder / entry.name
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 continue
-            if is_dir and depth < MAX_DIR_DEPTH and self._wanted_dir(path):
-                found.extend(self._add_tree(path, depth + 1))
-            elif not is_dir and is_transcript(self.root, path):
-                found.append(str(path))
+            if is_dir and depth < MAX_DIR_DEPTH:
+                path = folder / entry.name
+                if self._wanted_dir(path):
+                    found.extend(self._add_tree(path, depth + 1))
+            elif not is_dir and _is_transcript_at(depth, base, entry.name):
+                found.append(os.path.join(base, entry.name))
         return found
 
     def _wanted_dir(self, path: Path) -> bool:
@@ -158,7 +194,7 @@ class TreeWatcher:
             elif exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 log.warning("cannot watch folder", extra={"path": str(folder), "error": str(exc)})
             return False
-        self._dirs[wd] = folder
+        self._dirs[wd] = str(folder)
         return True
 
     # ------------------------------------------------------------------ events
@@ -180,9 +216,10 @@ class TreeWatcher:
                 self._ancestor = None
             self._wait_or_start(changes)
             return
-        folder = self._dirs.get(wd)
-        if folder is None:
+        watched = self._dirs.get(wd)
+        if watched is None:
             return
+        folder = Path(watched)
         if mask & (F.DELETE_SELF | F.MOVE_SELF | F.IGNORED):
             self._forget(wd, folder, changes)
             return
@@ -208,16 +245,26 @@ class TreeWatcher:
         if self.root.is_dir():
             changes.dirty.update(self.start())
         else:
-            changes.dirty.update(self._wait_for_root())
+            changes.dirty.update(self._wait_for_root(list_now=True))
 
     def _forget(self, wd: int, folder: Path, changes: WatchChanges) -> None:
         self._dirs.pop(wd, None)
+        self.unlisted.pop(str(folder), None)
         if folder == self.root:
             log.warning("projects path removed; waiting for it to reappear")
+            self.unlisted.clear()
             for other in list(self._dirs):
                 self._dirs.pop(other, None)
             changes.rescan = True
-            changes.dirty.update(self._wait_for_root())
+            changes.dirty.update(self._wait_for_root(list_now=True))
+
+
+def _is_transcript_at(depth: int, folder: str, name: str) -> bool:
+    """``is_transcript`` for a name listed in a folder at ``depth`` (root = 0): a project
+    folder's ``*.jsonl``, or a ``<uuid>/subagents`` folder's."""
+    if not name.endswith(".jsonl"):
+        return False
+    return depth == 1 or (depth == 3 and os.path.basename(folder) == "subagents")
 
 
 def _list_folder(folder: Path, *, follow: bool) -> list[os.DirEntry[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from sqlalchemy import Connection, Engine, Text, any_, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -96,6 +97,16 @@ def advance(conn: Connection, advances: list[SourceAdvance]) -> None:
     )
 
 
+def _new_rows(new: list[tuple[str, str, int, int]]) -> dict[str, list[Any]]:
+    """``_REGISTER_MANY``'s array parameters for (path, stored path, inode, device)."""
+    return {
+        "paths": [s for _p, s, _i, _d in new],
+        "raw": [path_bytes(p) for p, _s, _i, _d in new],
+        "inodes": [i for _p, _s, i, _d in new],
+        "devices": [d for _p, _s, _i, d in new],
+    }
+
+
 def _state(row: object) -> StreamState:
     m = row._mapping  # type: ignore[attr-defined]
     raw = m.get("path_bytes")
@@ -117,6 +128,7 @@ _REGISTER_MANY = text(
     "CAST(:inodes AS bigint[]), CAST(:devices AS bigint[])) "
     "ON CONFLICT (path) DO NOTHING"
 )
+LOOKUP_MAX = 1000  # paths per lookup statement
 _SELECT_MANY = select(sources).where(sources.c.path == any_(bindparam("paths", type_=ARRAY(Text))))
 
 
@@ -129,9 +141,15 @@ class CheckpointStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def load_all(self) -> dict[str, StreamState]:
+    def load_many(self, paths: list[str]) -> dict[str, StreamState]:
+        """The rows of these paths (those that have one), ``LOOKUP_MAX`` to a statement."""
+        found: dict[str, StreamState] = {}
         with self._engine.connect() as conn:
-            return {s.path: s for s in map(_state, conn.execute(select(sources)))}
+            for start in range(0, len(paths), LOOKUP_MAX):
+                stored = [storable_path(p) for p in paths[start : start + LOOKUP_MAX]]
+                rows = conn.execute(_SELECT_MANY, {"paths": stored})
+                found.update((s.path, s) for s in map(_state, rows))
+        return found
 
     def load(self, path: str) -> StreamState | None:
         with self._engine.connect() as conn:
@@ -175,22 +193,26 @@ class CheckpointStore:
         if not files:
             return {}
         stored = [storable_path(p) for p, _i, _d in files]
-        params = {
-            "paths": stored,
-            "raw": [path_bytes(p) for p, _i, _d in files],
-            "inodes": [i for _p, i, _d in files],
-            "devices": [d for _p, _i, d in files],
-        }
         try:
             with self._engine.begin() as conn:
-                conn.execute(_REGISTER_MANY, params)
-                rows = conn.execute(_SELECT_MANY, {"paths": stored}).all()
+                found = {
+                    s.path: s for s in map(_state, conn.execute(_SELECT_MANY, {"paths": stored}))
+                }
+                new = [
+                    (p, s, i, d)
+                    for (p, i, d), s in zip(files, stored, strict=True)
+                    if p not in found
+                ]
+                if new:  # known files (a restart) are only read: nothing written for them
+                    conn.execute(_REGISTER_MANY, _new_rows(new))
+                    rows = conn.execute(_SELECT_MANY, {"paths": [s for _p, s, _i, _d in new]})
+                    found.update((s.path, s) for s in map(_state, rows))
         except Exception as exc:
             if is_transient(exc):
                 raise
             log.warning("bulk registration of new files refused", extra={"error": describe(exc)})
             return {}
-        return {s.path: s for s in map(_state, rows)}
+        return found
 
     def rebind(self, state: StreamState, inode: int, device: int) -> StreamState:
         """Same content under a new inode (file replaced by a copy): keep the offset."""

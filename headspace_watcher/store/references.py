@@ -8,7 +8,6 @@ ids of rolled-back rows must not stick to events or be reused.
 
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,9 +164,8 @@ def _upsert_projects(conn: Connection, paths: list[str]) -> dict[str, int]:
 def _upsert_agents(conn: Connection, keys: list[tuple[str, int | None]]) -> dict[str, int]:
     uuids = [k for k, _ in keys]
     conn.execute(_UPSERT_AGENTS, {"keys": uuids, "projects": [pid for _, pid in keys]})
-    # interned: the cache's key is then the tracker's and the file context's string too
     rows = conn.execute(_SELECT_AGENTS, {"keys": uuids})
-    return {sys.intern(r.session_uuid): r.id for r in rows}
+    return {r.session_uuid: r.id for r in rows}
 
 
 def _each_alone(

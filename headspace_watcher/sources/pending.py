@@ -1,0 +1,95 @@
+"""The streams that may hold unread records, and whose sessions those records can be of.
+
+A catch-up over years of history wants to end each timed-out session as soon as nothing
+unread can still belong to it (then neither the session nor its files stay in memory until
+the whole backlog is read), and never earlier: ending a session and then reading another of
+its lines would register it again. What a path tells (``sources.layout.stream_owner``) is
+enough to know whose lines an unread file can hold: ``<folder>/<uuid>.jsonl`` and
+``<folder>/<uuid>/subagents/*`` are that session's; a 2.0.x ``agent-<id>.jsonl`` names none
+and may hold lines of any session of its project folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+# (project folder, what names the session: the path itself, its session folder, or None)
+Owner = Callable[[str], tuple[str, str | None]]
+
+
+class PendingStreams:
+    """An insertion-ordered set of paths (the round robin of reading) with counts of its
+    paths per project folder, per session folder (sub-agents) and per project folder of
+    the paths that name no session. Nothing is kept per session besides: a backlog of
+    10,000 files costs its paths, not a session name each too."""
+
+    __slots__ = ("_folders", "_owner", "_paths", "_session_dirs", "_unnamed")
+
+    def __init__(self, owner: Owner) -> None:
+        self._owner = owner
+        self._paths: dict[str, None] = {}
+        self._folders: dict[str, int] = {}
+        self._session_dirs: dict[str, int] = {}
+        self._unnamed: dict[str, int] = {}
+
+    def add(self, path: str) -> None:
+        if path in self._paths:
+            return
+        self._paths[path] = None
+        folder, names = self._owner(path)
+        _increment(self._folders, folder)
+        if names is None:
+            _increment(self._unnamed, folder)
+        elif names is not path:
+            _increment(self._session_dirs, names)
+
+    def discard(self, path: str) -> None:
+        if path not in self._paths:
+            return
+        del self._paths[path]
+        folder, names = self._owner(path)
+        _decrement(self._folders, folder)
+        if names is None:
+            _decrement(self._unnamed, folder)
+        elif names != path:
+            _decrement(self._session_dirs, names)
+
+    def clear(self) -> None:
+        """Empty, freeing the tables a backlog grew (a dict never shrinks by deletions)."""
+        self._paths, self._folders, self._session_dirs, self._unnamed = {}, {}, {}, {}
+
+    def may_hold(self, session_uuid: str) -> bool:
+        """Can a pending path hold lines of ``session_uuid``: its transcript or one of its
+        sub-agents', or one naming no session in a folder that has its transcript."""
+        name = session_uuid + ".jsonl"
+        for folder in self._folders:
+            if os.path.join(folder, name) in self._paths:
+                return True
+            if os.path.join(folder, session_uuid) in self._session_dirs:
+                return True
+        return any(os.path.lexists(os.path.join(folder, name)) for folder in self._unnamed)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._paths
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __bool__(self) -> bool:
+        return bool(self._paths)
+
+
+def _increment(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
