@@ -195,6 +195,35 @@ def test_a_session_with_unread_lines_is_not_ended_during_the_backlog(
     exactly_once(db_engine, watcher.root)
 
 
+def test_status_shows_the_end_of_a_catch_up_before_the_next_heartbeat(watcher, db_engine) -> None:  # type: ignore[no-untyped-def]
+    """status.json is rewritten once more after the last change (at most once a second),
+    not left as it was mid-catch-up until the next heartbeat (here a minute away)."""
+    watcher.configure(health={"heartbeat_interval_seconds": 60})
+    small_sessions(watcher.root, 600)
+    proc = watcher.start()
+    wait_for(
+        lambda: (
+            scalar(db_engine, "SELECT count(*) FROM events WHERE event_type = 'session_ended'")
+            == 600
+        ),
+        "every session ended",
+        details=proc.log,
+    )
+    wait_for(
+        lambda: (
+            (
+                watcher.status_file().get("files_watched"),
+                watcher.status_file().get("sessions_watched"),
+            )
+            == (0, 0)
+        ),
+        "status showing every file forgotten and no session active",
+        timeout=10,
+        details=lambda: f"{watcher.status_file()}\n{proc.log()}",
+    )
+    assert proc.stop() == 0
+
+
 # --------------------------------------------------------------------------- store, bulk
 
 

@@ -12,8 +12,10 @@ with orjson on huge lines: 2.9x).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -147,3 +149,42 @@ def test_writing_a_huge_turn_adds_about_one_copy_of_its_json(db_engine: Any) -> 
     print(f"writer peak above its input: {extra / 2**20:.0f} MiB, JSON {json_size >> 20} MiB")
     assert writer.metrics.events_written == 1
     assert extra < 1.5 * json_size
+
+
+_MMAP_PROBE = """
+import ctypes, sys
+from headspace_watcher.service.lifecycle import fix_mmap_threshold
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+print(fix_mmap_threshold() if sys.argv[1] == "fixed" else None)
+libc.free(libc.malloc(4 << 20))  # glibc's own policy: the threshold is now 4 MiB
+before = libc.mallinfo2().hblks
+buffer = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblks - before)  # 1: the 1 MiB buffer was mmapped (freed = returned)
+"""
+
+
+@pytest.mark.parametrize(("mode", "mmapped"), [("fixed", "1"), ("glibc default", "0")])
+def test_the_service_keeps_big_buffers_out_of_the_heap(mode: str, mmapped: str) -> None:
+    """After one big buffer glibc would serve every smaller one from the heap, whose freed
+    pages stay resident; the service fixes the threshold, so a batch's buffers are returned
+    when freed (the default run shows the probe tells the two apart)."""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33: no mallinfo2 to observe the allocator")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAP_PROBE, mode.split()[0]],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout.split()
+    assert out[-1] == mmapped, out
+    if mode == "fixed":
+        assert out[0] == "True"

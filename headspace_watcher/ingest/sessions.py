@@ -132,6 +132,10 @@ class SessionTracker:
         """The session if active or decided in the batch being built; None if ended."""
         return self._staged.get(session_uuid) or self._active.get(session_uuid)
 
+    def touched(self, session_uuid: str) -> bool:
+        """Decided on in the batch being built (a line of it, or its end)."""
+        return session_uuid in self._staged
+
     def is_active(self, session_uuid: str) -> bool:
         return session_uuid in self._active
 

@@ -81,3 +81,26 @@ def release_free_memory() -> None:
             _MALLOC_TRIM = False
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 * 1024
+ENV_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+
+
+def fix_mmap_threshold() -> bool:
+    """Keep glibc's mmap threshold at 128 KiB (its initial value) for good; True if set.
+
+    glibc raises the threshold to the size of every mmapped block freed (up to 32 MiB), so
+    after one big line or COPY buffer every later buffer of that size comes from the heap,
+    where freed pages stay resident between batches. Fixed, a batch's large buffers go back
+    to the OS when freed: the catch-up's peak is lower, and so is the idle service's RSS. An
+    explicit ``MALLOC_MMAP_THRESHOLD_`` in the environment is left as the operator set it.
+    """
+    if os.environ.get(ENV_MMAP_THRESHOLD):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))

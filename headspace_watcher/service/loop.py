@@ -36,6 +36,7 @@ from headspace_watcher.service import health
 from headspace_watcher.service.lifecycle import (
     ShutdownDeadline,
     StopSignals,
+    fix_mmap_threshold,
     release_free_memory,
 )
 from headspace_watcher.sources import Budget, Source
@@ -116,6 +117,7 @@ class Service:
         self._next_beat = 0.0
         self._ticks: dict[str, float | None] = {}  # when each source wants its next tick
         self._next_status = 0.0
+        self._status_stale = False  # changed since status.json was last written
         self._untrimmed = 0  # bytes ingested since the last release_free_memory()
         self._quiet_floor = 0  # timed-out sessions that still had unread lines, last look
         self.checkpoint_conflicts = 0  # batches refused by the guard (0 in steady state)
@@ -127,6 +129,7 @@ class Service:
     # ================================================================== lifecycle
     def run(self, once: bool = False, early_signal: list[int] | None = None) -> int:
         self.signals.install(early_signal)
+        fix_mmap_threshold()
         try:
             if once:
                 self._require_projects_path()
@@ -271,7 +274,7 @@ class Service:
                 log.error("database unreachable; --once cannot finish")
                 return EXIT_FAILED
             if self._pending():
-                if not self._step() or not self._end_quiet_sessions():
+                if not self._step():
                     return EXIT_FAILED
                 continue
             if not self._end_due_sessions():
@@ -296,8 +299,7 @@ class Service:
                 self._maybe_beat(now)
                 continue
             if self._pending():
-                if self._step():
-                    self._end_quiet_sessions()
+                self._step()
                 if not self._pending() and self._untrimmed >= TRIM_AFTER_BYTES:
                     self._untrimmed = 0
                     release_free_memory()  # backlog drained: give its heap back
@@ -305,6 +307,8 @@ class Service:
                 self._end_due_sessions()
             self._tick(now)
             self._maybe_beat(now)
+            if self._status_stale:
+                self._maybe_status()
 
     def _pending(self) -> bool:
         return any(source.pending() for source in self.sources)
@@ -321,6 +325,8 @@ class Service:
             waits.append((deadline - self.clock()).total_seconds())
         if self.db_ready:
             waits += [t - now for t in self._ticks.values() if t is not None]
+        if self._status_stale:
+            waits.append(self._next_status - now)
         return max(0.0, min(waits))
 
     def _wait(self, timeout: float) -> None:
@@ -355,6 +361,7 @@ class Service:
         if isolating:
             self._isolate -= 1
         batch = self.deriving.batch(chunks)
+        ended = [] if isolating else self._end_quiet_sessions(batch)
         try:
             result = self.store.write_batch(batch, should_abort=lambda: self.stopping)
         except BatchRefused as exc:
@@ -370,6 +377,9 @@ class Service:
             self._db_failed(exc)
             return False
         self._committed(chunks, result.lost)
+        if ended:
+            self._log_ended(ended, "timeout")
+            self._sessions_changed()
         self._maybe_status()
         return True
 
@@ -472,26 +482,35 @@ class Service:
                 return False
         return True
 
-    def _end_quiet_sessions(self) -> bool:
-        """During a backlog: end, a round at a time, the timed-out sessions that nothing
-        unread can still hold lines of.
+    def _end_quiet_sessions(self, batch: Batch) -> list[str]:
+        """Add to ``batch`` the ends of up to ``END_ROUND`` timed-out sessions that nothing
+        unread can still hold lines of, and that the batch itself does not touch; which.
 
-        A catch-up over years of history then keeps a round of sessions (and their files)
-        in memory, not all of them until the backlog is read; and each is still ended
-        once, after its last line (ending one whose lines are still unread would register
-        it again when they are read). False if the database failed.
+        A catch-up over years of history then keeps a batch's worth of sessions (and their
+        files) in memory, not all of them until the backlog is read, and ends them in the
+        transactions it commits anyway. Each is still ended once, after its last line:
+        ending one whose lines are still unread would register it again when they are read.
         """
         due = self.tracker.due(self.clock())
-        if len(due) < self._quiet_floor + END_ROUND:
-            return True
-        quiet = [(s, "timeout", at) for s, at in due if not self._may_hold(s)]
-        self._quiet_floor = len(due) - len(quiet)  # not quiet yet: wait for a round more
-        for start in range(0, len(quiet), END_ROUND):
-            if self.stopping:
-                return True
-            if not self._end_sessions(quiet[start : start + END_ROUND]):
-                return False
-        return True
+        if len(due) <= self._quiet_floor:  # all of them had unread lines at the last look
+            return []
+        ended: list[str] = []
+        for session, at in due:
+            if len(ended) == END_ROUND:
+                break
+            if self.tracker.touched(session) or self._may_hold(session):
+                continue
+            event, change = self.tracker.end(session, "timeout", at)
+            batch.events.append(event)
+            batch.sessions.append(change)
+            ended.append(session)
+        self._quiet_floor = len(due) - len(ended) if len(ended) < END_ROUND else 0
+        return ended
+
+    @staticmethod
+    def _log_ended(sessions: list[str], reason: str) -> None:
+        for session in sessions:
+            log.info("session ended", extra={"session_uuid": session, "reason": reason})
 
     def _may_hold(self, session_uuid: str) -> bool:
         return any(source.may_hold(session_uuid) for source in self.sources)
@@ -518,8 +537,9 @@ class Service:
         if result.lost:
             self.tracker.load(self.store.load_sessions())
         for session, reason, _at in ends:
-            log.info("session ended", extra={"session_uuid": session, "reason": reason})
+            self._log_ended([session], reason)
         self._sessions_changed()
+        self._maybe_status()
         return True
 
     # ================================================================== health
@@ -541,11 +561,15 @@ class Service:
                 log.warning("heartbeat failed", extra={"error": str(exc).splitlines()[0][:200]})
 
     def _maybe_status(self) -> None:
-        """Keep status.json fresh after writes without paying for it on every commit."""
+        """Keep status.json fresh after writes without paying for it on every commit: at
+        most once a second, and once more after the last change (``_timeout`` wakes the
+        loop for it), not only at the next heartbeat."""
         now = self.monotonic()
         if now >= self._next_status:
             self._next_status = now + STATUS_EVERY_S
             self._write_status()
+        else:
+            self._status_stale = True
 
     def _sessions_changed(self) -> None:
         if sum(s.sessions_changed() for s in self.sources) >= TRIM_AFTER_FILES:
@@ -583,6 +607,7 @@ class Service:
         } | {k: v for source in self.sources for k, v in source.health().items()}
 
     def _write_status(self) -> None:
+        self._status_stale = False
         try:
             health.write_status(self.config.state_dir, self.snapshot())
         except OSError as exc:

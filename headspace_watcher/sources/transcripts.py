@@ -44,7 +44,7 @@ RESCAN_INTERVAL_S = 10.0  # only when the inotify watch limit was reached
 HELD_RETRY_MAX_S = 300.0
 OUTSIDE_TREE_REASON = "outside_tree: symlink or path outside the projects root; not read"
 REGISTER_MAX = 500  # new files registered in one transaction
-LIST_AHEAD = 1000  # pending files below which the next project folder is listed
+LIST_AHEAD = 500  # pending files below which the next project folder is listed
 
 
 @dataclass(slots=True)
