@@ -31,7 +31,8 @@ the watcher above.
 **memory** (figures, issue 12). The live service (``headspace-watcher run``, subprocess) over
 N small ended sessions (``--memory-files``, default 100 / 1,000 / 10,000, ``--memory-lines``
 4 lines each): once every line is committed and every ``session_ended`` stored, and
-``--settle`` seconds of idle, its VmRSS (idle RSS) and VmHWM (peak).
+``--settle`` seconds of idle, its VmRSS (idle RSS) and VmHWM (peak); then the peak RSS of a
+``run --once`` restart over the same caught-up tree (nothing new to read).
 
 Speed and memory figures are printed, never asserted, except the floor part's bars.
 
@@ -611,7 +612,7 @@ def _memory_part(args: argparse.Namespace, srv: Any, base: Path) -> list[str]:
         flush=True,
     )
     problems: list[str] = []
-    rows: list[tuple[int, TreeStats, float, int, int, int | None]] = []
+    rows: list[tuple[int, TreeStats, float, int, int, int | None, int]] = []
     for n in args.memory_files:
         root = base / f"memory-{n}"
         try:
@@ -623,10 +624,11 @@ def _memory_part(args: argparse.Namespace, srv: Any, base: Path) -> list[str]:
             rows.append((n, stats, *row))
     print(
         f"\n{'tracked files':>13} {'lines':>8} {'MB':>6} {'catch-up':>9} {'idle RSS':>9} "
-        f"{'peak RSS':>9} {'files_watched':>13} {'idle RSS per file over first':>29}"
+        f"{'peak RSS':>9} {'files_watched':>13} {'idle RSS per file over first':>29} "
+        f"{'restart peak':>12}"
     )
     first = rows[0] if rows else None
-    for n, stats, seconds, rss, hwm, watched in rows:
+    for n, stats, seconds, rss, hwm, watched, restart in rows:
         watched_text = "?" if watched is None else str(watched)
         per_file = ""
         if first is not None and n > first[0]:
@@ -634,7 +636,7 @@ def _memory_part(args: argparse.Namespace, srv: Any, base: Path) -> list[str]:
         print(
             f"{n:>13,} {stats.lines:>8,} {stats.bytes / 1e6:>6.1f} {seconds:>7.1f} s "
             f"{rss / 1024:>6.1f} MB {hwm / 1024:>6.1f} MB {watched_text:>13} "
-            f"{per_file:>29}"
+            f"{per_file:>29} {restart / 1024:>9.1f} MB"
         )
     if len(rows) >= 2:
         last = rows[-1]
@@ -649,8 +651,9 @@ def _memory_part(args: argparse.Namespace, srv: Any, base: Path) -> list[str]:
 
 def _memory_run(
     srv: Any, root: Path, stats: TreeStats, settle: float, problems: list[str]
-) -> tuple[float, int, int, int | None] | None:
-    """(catch-up seconds, idle VmRSS kB, VmHWM kB, status files_watched) of one live run."""
+) -> tuple[float, int, int, int | None, int] | None:
+    """(catch-up seconds, idle VmRSS kB, VmHWM kB, status files_watched, restart peak kB):
+    one live run, then a ``run --once`` restart over the same caught-up tree."""
     url = fresh_schema(srv, "catchup_memory")
     log = root / "watcher.log"
     state = root / "state"
@@ -665,13 +668,24 @@ def _memory_run(
             raise RuntimeError(f"watcher exited with {proc.returncode}")
         status = proc_status(proc.pid)
         watched = _files_watched(state)
+        stop_service(proc)
+        restart_peak = _restart_peak_kib(url, root, state, log)
     except (RuntimeError, TimeoutError) as exc:
         problems.append(f"memory, {stats.files} files: {exc}; log tail:\n{log_tail(log)}")
         return None
     finally:
         stop_service(proc)
         srv.drop(url)
-    return seconds, status.get("VmRSS", 0), status.get("VmHWM", 0), watched
+    return seconds, status.get("VmRSS", 0), status.get("VmHWM", 0), watched, restart_peak
+
+
+def _restart_peak_kib(url: str, root: Path, state: Path, log: Path) -> int:
+    """Peak RSS (kB, sampled VmHWM) of ``run --once`` over a tree it has already caught up:
+    what a restart costs (sessions and checkpoints looked up, nothing new to read)."""
+    _seconds, _usage, code, peak = run_watcher(url, root / "projects", state, log)
+    if code != 0:
+        raise RuntimeError(f"restart run --once exited with {code}")
+    return peak
 
 
 def _wait_ended(url: str, sessions: int, proc: Any, timeout: float) -> None:

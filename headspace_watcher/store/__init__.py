@@ -81,7 +81,8 @@ class Store:
     def lock(self, key: str, description: str) -> InstanceLock:
         return InstanceLock(self.engine, key, description)
 
-    def load_sessions(self) -> list[SessionInfo]:
+    def load_sessions(self) -> Iterator[SessionInfo]:
+        """Every session, streamed: consume it at once (it holds a connection meanwhile)."""
         return sessions.load_all(self.engine)
 
     def session(self, session_uuid: str) -> SessionInfo | None:

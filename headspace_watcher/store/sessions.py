@@ -8,6 +8,7 @@ the service's own discovery of the session yields one ``session_registered``, ne
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,8 @@ from headspace_watcher.store.references import References
 from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.rows import REFUSABLE
 from headspace_watcher.store.schema import sessions
+
+LOAD_BATCH = 1000  # session rows fetched at a time by ``load_all``
 
 _VALUE_COLUMNS = (
     "session_uuid",
@@ -52,10 +55,14 @@ def info_from_row(r: Any) -> SessionInfo:
     )
 
 
-def load_all(engine: Engine) -> list[SessionInfo]:
-    """Every session row (the tracker's durable state at start and after a conflict)."""
+def load_all(engine: Engine) -> Iterator[SessionInfo]:
+    """Every session row (the tracker's durable state at start and after a conflict),
+    streamed ``LOAD_BATCH`` rows at a time (a server-side cursor): a restart over years of
+    sessions holds the tracker's compact view of them, not every row at once besides."""
     with engine.connect() as conn:
-        return [info_from_row(r) for r in conn.execute(select(sessions))]
+        result = conn.execution_options(yield_per=LOAD_BATCH).execute(select(sessions))
+        for r in result:
+            yield info_from_row(r)
 
 
 def load_one(engine: Engine, session_uuid: str) -> SessionInfo | None:
