@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, event, text
 from watcher_helpers import wait_for
 
 from headspace_watcher.errors import BatchRefused, CheckpointConflict, WriteAborted, WriteFailed
@@ -236,6 +236,45 @@ def test_stale_start_offset_conflicts_even_for_new_positions(
     with pytest.raises(CheckpointConflict):
         writer.write_batch(batch_for(source, 5, [turn(i, source) for i in range(5, 8)]))
     assert scalar(engine, "SELECT count(*) FROM events") == 3
+
+
+def test_checkpoints_of_many_streams_move_in_one_statement(
+    engine: Engine, writer: BatchWriter
+) -> None:
+    """A catch-up batch of many small files advances as many streams: one UPDATE for all of
+    them, each stream to its own end, lines and fingerprint. A stream advanced twice in the
+    batch (an empty advance, then one with lines) ends as the two in order leave it."""
+    many = [register(engine, f"s{i}.jsonl") for i in range(40)]
+    twice = register(engine, "twice.jsonl")
+    batch = Batch()
+    for i, source in enumerate(many):
+        batch.advances.append(
+            SourceAdvance(source.source_id, 0, 0, (i + 1) * LINE, i + 1, bytes([i]) * 32)
+        )
+    batch.advances.append(SourceAdvance(twice.source_id, 0, 0, 0, 0, None))
+    batch.advances.append(SourceAdvance(twice.source_id, 0, 0, 3 * LINE, 3, b"t" * 32))
+    updates: list[bool] = []
+
+    def seen(_c: Any, _cur: Any, statement: str, _p: Any, _ctx: Any, many_rows: bool) -> None:
+        if statement.lstrip().upper().startswith("UPDATE SOURCES"):
+            updates.append(many_rows)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        writer.write_batch(batch)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+
+    assert updates == [False]  # one statement, not one per stream
+    stored = {
+        r.id: (r.committed_offset, r.lines_committed, bytes(r.fingerprint))
+        for r in rows(
+            engine, "SELECT id, committed_offset, lines_committed, fingerprint FROM sources"
+        )
+    }
+    expected = {s.source_id: ((i + 1) * LINE, i + 1, bytes([i]) * 32) for i, s in enumerate(many)}
+    expected[twice.source_id] = (3 * LINE, 3, b"t" * 32)
+    assert stored == expected
 
 
 def test_nul_byte_event_is_rejected_rest_stored(engine: Engine, writer: BatchWriter) -> None:
