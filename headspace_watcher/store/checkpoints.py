@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from sqlalchemy import Connection, Engine, Text, any_, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -17,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from headspace_watcher.errors import CheckpointConflict, StreamRefused
 from headspace_watcher.records import SourceAdvance, StreamState
+from headspace_watcher.store.bulk import json_rows, recordset
 from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.schema import sources
 
@@ -77,40 +79,36 @@ def check_guard(conn: Connection, advances: list[SourceAdvance]) -> None:
 
 
 _ADVANCE = text(
-    "UPDATE sources SET committed_offset = a.end_offset, "
-    "lines_committed = sources.lines_committed + a.lines, fingerprint = a.fp, "
-    "updated_at = now() "
-    "FROM unnest(CAST(:sids AS bigint[]), CAST(:ends AS bigint[]), CAST(:lines AS bigint[]), "
-    "CAST(:fps AS bytea[])) AS a(sid, end_offset, lines, fp) "
-    "WHERE sources.id = a.sid"
+    "WITH r AS (SELECT * FROM "
+    f"{recordset({'sid': 'bigint', 'end_offset': 'bigint', 'lines': 'bigint', 'fp': 'text'})}) "
+    "UPDATE sources SET committed_offset = r.end_offset, "
+    "lines_committed = sources.lines_committed + r.lines, fingerprint = decode(r.fp, 'hex'), "
+    "updated_at = now() FROM r "
+    "WHERE sources.id = r.sid AND sources.id = ANY(ARRAY(SELECT sid FROM r))"
 )
 
 
 def advance(conn: Connection, advances: list[SourceAdvance]) -> None:
     """Move the checkpoints, in the transaction of the events those bytes produced.
 
-    One statement with array parameters for the whole batch: a catch-up of many small files
-    advances thousands of streams, and one UPDATE per stream cost the server a statement
-    each. An UPDATE ... FROM applies one row per stream, so a stream advanced twice in a
-    batch is folded first, as the statements in order would have left it: the last end and
-    fingerprint, the lines summed.
+    One statement for the whole batch (the rows as one JSON parameter, ``store.bulk``): a
+    catch-up of many small files advances thousands of streams, and one UPDATE per stream
+    cost the server a statement each. An UPDATE ... FROM applies one row per stream, so a
+    stream advanced twice in a batch is folded first, as the statements in order would have
+    left it: the last end and fingerprint, the lines summed.
     """
     if not advances:
         return
-    folded: dict[int, tuple[int, int, bytes | None]] = {}  # id → end, lines, fingerprint
+    folded: dict[int, dict[str, Any]] = {}
     for a in advances:
         before = folded.get(a.source_id)
-        lines = a.lines + (before[1] if before else 0)
-        folded[a.source_id] = (a.end_offset, lines, a.fingerprint)
-    conn.execute(
-        _ADVANCE,
-        {
-            "sids": list(folded),
-            "ends": [v[0] for v in folded.values()],
-            "lines": [v[1] for v in folded.values()],
-            "fps": [v[2] for v in folded.values()],
-        },
-    )
+        folded[a.source_id] = {
+            "sid": a.source_id,
+            "end_offset": a.end_offset,
+            "lines": a.lines + (before["lines"] if before else 0),
+            "fp": a.fingerprint.hex() if a.fingerprint is not None else None,
+        }
+    conn.execute(_ADVANCE, {"rows": json_rows(list(folded.values()))})
 
 
 def _state(row: object) -> StreamState:

@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from headspace_watcher.errors import CheckpointConflict
 from headspace_watcher.records import SessionChange, SessionInfo
+from headspace_watcher.store.bulk import json_rows, recordset
 from headspace_watcher.store.references import References
 from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.rows import REFUSABLE
@@ -128,9 +129,9 @@ def _bulk_safe(changes: list[SessionChange]) -> bool:
 def _apply_bulk(
     conn: Connection, changes: list[SessionChange], refs: References, lost: set[tuple[str, str]]
 ) -> None:
-    """``_apply_one`` for all changes of a batch in at most three statements (array
-    parameters: one compiled statement whatever the count). A guard that failed is a row
-    not returned."""
+    """``_apply_one`` for all changes of a batch in at most three statements (the rows as one
+    JSON parameter, ``store.bulk``: one compiled statement whatever the count). A guard that
+    failed is a row not returned."""
     by_kind: dict[str, list[SessionChange]] = {"register": [], "end": [], "activity": []}
     for ch in changes:
         if ch.kind == "end" and ch.expected_epoch == 0:
@@ -139,17 +140,17 @@ def _apply_bulk(
             by_kind[ch.kind].append(ch)
     for kind in ("register", "end"):
         if by_kind[kind]:
-            params = _upsert_arrays(by_kind[kind], refs)
+            rows = _upsert_rows(by_kind[kind], refs)
+            params = {"rows": json_rows(rows)}
             won = set(conn.execute(_bulk_upsert_stmt(kind == "register"), params).scalars())
-            lost.update((kind, u) for u in params["session_uuid"] if u not in won)
+            lost.update((kind, r["session_uuid"]) for r in rows if r["session_uuid"] not in won)
     activity = by_kind["activity"]
     if activity:
-        params = {
-            "uuids": [ch.info.session_uuid for ch in activity],
-            "epochs": [ch.expected_epoch for ch in activity],
-            "ats": [ch.info.last_activity_at for ch in activity],
-        }
-        updated = set(conn.execute(_BULK_ACTIVITY, params).scalars())
+        moves = [
+            {"uuid": c.info.session_uuid, "epoch": c.expected_epoch, "at": c.info.last_activity_at}
+            for c in activity
+        ]
+        updated = set(conn.execute(_BULK_ACTIVITY, {"rows": json_rows(moves)}).scalars())
         for ch in activity:
             if ch.info.session_uuid not in updated:
                 raise CheckpointConflict(
@@ -158,53 +159,62 @@ def _apply_bulk(
                 )
 
 
-def _upsert_arrays(changes: list[SessionChange], refs: References) -> dict[str, list[Any]]:
-    """The changes' rows as one array per column (``_bulk_upsert_stmt``'s parameters)."""
-    cols: dict[str, list[Any]] = {c: [] for c in _VALUE_COLUMNS}
+def _upsert_rows(changes: list[SessionChange], refs: References) -> list[dict[str, Any]]:
+    """The changes' rows, keyed by column (``_bulk_upsert_stmt``'s parameter)."""
+    rows = []
     for ch in changes:
         i = ch.info
-        row = (
-            i.session_uuid, i.state, i.epoch, i.registered_at, i.last_activity_at,
-            i.project_path, refs.project_id(i.project_path), refs.agent_id(i.session_uuid),
-            ch.ended_at, ch.end_reason, i.monitored, i.working_directory, i.iterm_pane_id,
-        )  # fmt: skip
-        for col, value in zip(_VALUE_COLUMNS, row, strict=True):
-            cols[col].append(value)
-    return cols
+        rows.append(
+            {
+                "session_uuid": i.session_uuid,
+                "state": i.state,
+                "epoch": i.epoch,
+                "registered_at": i.registered_at,
+                "last_activity_at": i.last_activity_at,
+                "project_path": i.project_path,
+                "project_id": refs.project_id(i.project_path),
+                "agent_id": refs.agent_id(i.session_uuid),
+                "ended_at": ch.ended_at,
+                "end_reason": ch.end_reason,
+                "monitored": i.monitored,
+                "working_directory": i.working_directory,
+                "iterm_pane_id": i.iterm_pane_id,
+            }
+        )
+    return rows
 
 
-_ARRAY_TYPES = {
-    "session_uuid": "text[]",
-    "state": "text[]",
-    "epoch": "integer[]",
-    "registered_at": "timestamptz[]",
-    "last_activity_at": "timestamptz[]",
-    "project_path": "text[]",
-    "project_id": "bigint[]",
-    "agent_id": "bigint[]",
-    "ended_at": "timestamptz[]",
-    "end_reason": "text[]",
-    "monitored": "boolean[]",
-    "working_directory": "text[]",
-    "iterm_pane_id": "text[]",
+_COLUMN_TYPES = {
+    "session_uuid": "text",
+    "state": "text",
+    "epoch": "integer",
+    "registered_at": "timestamptz",
+    "last_activity_at": "timestamptz",
+    "project_path": "text",
+    "project_id": "bigint",
+    "agent_id": "bigint",
+    "ended_at": "timestamptz",
+    "end_reason": "text",
+    "monitored": "boolean",
+    "working_directory": "text",
+    "iterm_pane_id": "text",
 }
 
+_MOVES = {"uuid": "text", "epoch": "integer", "at": "timestamptz"}
 _BULK_ACTIVITY = text(
-    "UPDATE sessions SET last_activity_at = greatest(sessions.last_activity_at, u.at) "
-    "FROM unnest(CAST(:uuids AS text[]), CAST(:epochs AS integer[]), "
-    "CAST(:ats AS timestamptz[])) AS u(uuid, expected_epoch, at) "
-    "WHERE sessions.session_uuid = u.uuid AND sessions.state = 'active' "
-    "AND sessions.epoch = u.expected_epoch "
+    f"WITH r AS (SELECT * FROM {recordset(_MOVES)}) "
+    "UPDATE sessions SET last_activity_at = greatest(sessions.last_activity_at, r.at) FROM r "
+    "WHERE sessions.session_uuid = r.uuid AND sessions.state = 'active' "
+    "AND sessions.epoch = r.epoch AND sessions.session_uuid = ANY(ARRAY(SELECT uuid FROM r)) "
     "RETURNING sessions.session_uuid"
 )
 
 
 @functools.cache
 def _bulk_upsert_stmt(register: bool) -> Any:
-    """``_upsert_stmt`` over arrays: the same guard, with the expected epoch implied by the
-    row's own (``_bulk_safe``): a ``register`` of epoch n needs the row absent or ended at
+    """``_upsert_stmt`` over many rows: the same guard, with the expected epoch implied by
+    the row's own (``_bulk_safe``): a ``register`` of epoch n needs the row absent or ended at
     n - 1, an ``end`` of epoch n needs it active at n. Returns the uuids that won."""
-    unnest = ", ".join(f"CAST(:{c} AS {_ARRAY_TYPES[c]})" for c in _VALUE_COLUMNS)
     keep = {c: f"EXCLUDED.{c}" for c in _VALUE_COLUMNS[1:]}
     for key in ("project_id", "agent_id", "project_path", "working_directory", "iterm_pane_id"):
         keep[key] = f"coalesce(EXCLUDED.{key}, sessions.{key})"
@@ -215,8 +225,10 @@ def _bulk_upsert_stmt(register: bool) -> Any:
         if register
         else "sessions.state = 'active' AND sessions.epoch = EXCLUDED.epoch"
     )
+    columns = ", ".join(_VALUE_COLUMNS)
     return text(
-        f"INSERT INTO sessions ({', '.join(_VALUE_COLUMNS)}) SELECT * FROM unnest({unnest}) "
+        f"INSERT INTO sessions ({columns}) "
+        f"SELECT {columns} FROM {recordset({c: _COLUMN_TYPES[c] for c in _VALUE_COLUMNS})} "
         f"ON CONFLICT (session_uuid) DO UPDATE SET "
         f"{', '.join(f'{c} = {v}' for c, v in keep.items())} "
         f"WHERE {guard} RETURNING sessions.session_uuid"
