@@ -126,11 +126,16 @@ def _state(row: object) -> StreamState:
     )
 
 
+# New rows returned by the insert, existing ones found by index (the statement's snapshot:
+# a row a concurrent writer committed meanwhile is neither, and is selected again).
 _REGISTER_MANY = text(
-    "INSERT INTO sources (path, path_bytes, inode, device) "
-    "SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:raw AS bytea[]), "
-    "CAST(:inodes AS bigint[]), CAST(:devices AS bigint[])) "
-    "ON CONFLICT (path) DO NOTHING"
+    "WITH r AS (SELECT * FROM "
+    f"{recordset({'path': 'text', 'raw': 'text', 'inode': 'bigint', 'device': 'bigint'})}), "
+    "added AS (INSERT INTO sources (path, path_bytes, inode, device) "
+    "SELECT path, decode(raw, 'hex'), inode, device FROM r "
+    "ON CONFLICT (path) DO NOTHING RETURNING *) "
+    "SELECT * FROM added UNION ALL "
+    "SELECT * FROM sources WHERE path = ANY(ARRAY(SELECT path FROM r))"
 )
 _SELECT_MANY = select(sources).where(sources.c.path == any_(bindparam("paths", type_=ARRAY(Text))))
 
@@ -180,32 +185,38 @@ class CheckpointStore:
         return _state(row)
 
     def register_many(self, files: list[tuple[str, int, int]]) -> dict[str, StreamState]:
-        """``register`` many (path, inode, device) at once: one transaction of two
-        statements with array parameters (compiled once, whatever the count), not one
-        transaction per file. For a catch-up over a tree of many new files.
+        """``register`` many (path, inode, device) at once: one transaction, one statement
+        (the rows as one JSON parameter, ``store.bulk``), not one transaction per file. For
+        a catch-up over a tree of many new files.
 
         Refused for good (one path beyond the index's limit refuses them all): {} and a
         warning; ``register`` then takes them one by one and holds only the culprit.
         """
         if not files:
             return {}
-        stored = [storable_path(p) for p, _i, _d in files]
-        params = {
-            "paths": stored,
-            "raw": [path_bytes(p) for p, _i, _d in files],
-            "inodes": [i for _p, i, _d in files],
-            "devices": [d for _p, _i, d in files],
-        }
+        rows = []
+        for path, inode, device in files:
+            raw = path_bytes(path)
+            rows.append(
+                {
+                    "path": storable_path(path),
+                    "raw": raw.hex() if raw is not None else None,
+                    "inode": inode,
+                    "device": device,
+                }
+            )
         try:
             with self._engine.begin() as conn:
-                conn.execute(_REGISTER_MANY, params)
-                rows = conn.execute(_SELECT_MANY, {"paths": stored}).all()
+                found = conn.execute(_REGISTER_MANY, {"rows": json_rows(rows)}).all()
+                missing = {r["path"] for r in rows} - {f.path for f in found}
+                if missing:
+                    found += conn.execute(_SELECT_MANY, {"paths": sorted(missing)}).all()
         except Exception as exc:
             if is_transient(exc):
                 raise
             log.warning("bulk registration of new files refused", extra={"error": describe(exc)})
             return {}
-        return {s.path: s for s in map(_state, rows)}
+        return {s.path: s for s in map(_state, found)}
 
     def rebind(self, state: StreamState, inode: int, device: int) -> StreamState:
         """Same content under a new inode (file replaced by a copy): keep the offset."""
