@@ -27,8 +27,9 @@ def json_rows(rows: Sequence[Mapping[str, Any]]) -> str:
         raise ValueError(f"row not encodable as JSON: {exc}") from None
 
 
-def recordset(types: Mapping[str, str]) -> str:
-    """``json_to_recordset(CAST(:rows AS json)) AS r(col type, …)``, columns in ``types`` order.
+def recordset(types: Mapping[str, str], param: str = "rows") -> str:
+    """``json_to_recordset(CAST(:rows AS json)) AS r(col type, …)``, columns in ``types``
+    order, the rows in the parameter ``param``.
 
     A join with a table must look its rows up by ``= ANY(ARRAY(SELECT key FROM …))``, not
     by a plain join: the planner takes a recordset for 100 rows and hashes it against a
@@ -36,4 +37,4 @@ def recordset(types: Mapping[str, str]) -> str:
     more with every batch.
     """
     columns = ", ".join(f"{name} {sql_type}" for name, sql_type in types.items())
-    return f"json_to_recordset(CAST(:rows AS json)) AS r({columns})"
+    return f"json_to_recordset(CAST(:{param} AS json)) AS r({columns})"

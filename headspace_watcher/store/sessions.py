@@ -129,34 +129,36 @@ def _bulk_safe(changes: list[SessionChange]) -> bool:
 def _apply_bulk(
     conn: Connection, changes: list[SessionChange], refs: References, lost: set[tuple[str, str]]
 ) -> None:
-    """``_apply_one`` for all changes of a batch in at most three statements (the rows as one
-    JSON parameter, ``store.bulk``: one compiled statement whatever the count). A guard that
-    failed is a row not returned."""
+    """``_apply_one`` for all changes of a batch in ONE statement (the rows of each kind as
+    one JSON parameter, ``store.bulk``: one compiled statement whatever the count; each
+    session once, so its parts touch different rows). A guard that failed is a row not
+    returned."""
     by_kind: dict[str, list[SessionChange]] = {"register": [], "end": [], "activity": []}
     for ch in changes:
         if ch.kind == "end" and ch.expected_epoch == 0:
             lost.add((ch.kind, ch.info.session_uuid))  # never registered: nothing to end
         else:
             by_kind[ch.kind].append(ch)
+    if not any(by_kind.values()):
+        return
+    moves = [
+        {"uuid": c.info.session_uuid, "epoch": c.expected_epoch, "at": c.info.last_activity_at}
+        for c in by_kind["activity"]
+    ]
+    params = {
+        "register": json_rows(_upsert_rows(by_kind["register"], refs)),
+        "end": json_rows(_upsert_rows(by_kind["end"], refs)),
+        "activity": json_rows(moves),
+    }
+    won = {(kind, uuid) for kind, uuid in conn.execute(_bulk_changes_stmt(), params)}
     for kind in ("register", "end"):
-        if by_kind[kind]:
-            rows = _upsert_rows(by_kind[kind], refs)
-            params = {"rows": json_rows(rows)}
-            won = set(conn.execute(_bulk_upsert_stmt(kind == "register"), params).scalars())
-            lost.update((kind, r["session_uuid"]) for r in rows if r["session_uuid"] not in won)
-    activity = by_kind["activity"]
-    if activity:
-        moves = [
-            {"uuid": c.info.session_uuid, "epoch": c.expected_epoch, "at": c.info.last_activity_at}
-            for c in activity
-        ]
-        updated = set(conn.execute(_BULK_ACTIVITY, {"rows": json_rows(moves)}).scalars())
-        for ch in activity:
-            if ch.info.session_uuid not in updated:
-                raise CheckpointConflict(
-                    f"session {ch.info.session_uuid} is no longer active "
-                    f"with epoch {ch.expected_epoch}"
-                )
+        lost.update((kind, c.info.session_uuid) for c in by_kind[kind])
+    lost.difference_update(won)
+    for ch in by_kind["activity"]:
+        if ("activity", ch.info.session_uuid) not in won:
+            raise CheckpointConflict(
+                f"session {ch.info.session_uuid} is no longer active with epoch {ch.expected_epoch}"
+            )
 
 
 def _upsert_rows(changes: list[SessionChange], refs: References) -> list[dict[str, Any]]:
@@ -201,20 +203,32 @@ _COLUMN_TYPES = {
 }
 
 _MOVES = {"uuid": "text", "epoch": "integer", "at": "timestamptz"}
-_BULK_ACTIVITY = text(
-    f"WITH r AS (SELECT * FROM {recordset(_MOVES)}) "
-    "UPDATE sessions SET last_activity_at = greatest(sessions.last_activity_at, r.at) FROM r "
-    "WHERE sessions.session_uuid = r.uuid AND sessions.state = 'active' "
-    "AND sessions.epoch = r.epoch AND sessions.session_uuid = ANY(ARRAY(SELECT uuid FROM r)) "
-    "RETURNING sessions.session_uuid"
-)
 
 
 @functools.cache
-def _bulk_upsert_stmt(register: bool) -> Any:
-    """``_upsert_stmt`` over many rows: the same guard, with the expected epoch implied by
-    the row's own (``_bulk_safe``): a ``register`` of epoch n needs the row absent or ended at
-    n - 1, an ``end`` of epoch n needs it active at n. Returns the uuids that won."""
+def _bulk_changes_stmt() -> Any:
+    """``_upsert_stmt`` of the ``register`` and the ``end`` rows and ``_activity_stmt`` of the
+    ``activity`` rows, in one statement. The upserts keep their guard, with the expected
+    epoch implied by the row's own (``_bulk_safe``): a ``register`` of epoch n needs the row
+    absent or ended at n - 1, an ``end`` of epoch n needs it active at n. Returns (kind,
+    uuid) of the changes that won."""
+    return text(
+        f"WITH reg AS ({_bulk_upsert(True)}), fin AS ({_bulk_upsert(False)}), "
+        f"moves AS (SELECT * FROM {recordset(_MOVES, 'activity')}), "
+        "act AS (UPDATE sessions SET last_activity_at = "
+        "greatest(sessions.last_activity_at, r.at) FROM moves r "
+        "WHERE sessions.session_uuid = r.uuid AND sessions.state = 'active' "
+        "AND sessions.epoch = r.epoch "
+        "AND sessions.session_uuid = ANY(ARRAY(SELECT uuid FROM moves)) "
+        "RETURNING sessions.session_uuid) "
+        "SELECT 'register', session_uuid FROM reg UNION ALL "
+        "SELECT 'end', session_uuid FROM fin UNION ALL "
+        "SELECT 'activity', session_uuid FROM act"
+    )
+
+
+def _bulk_upsert(register: bool) -> str:
+    """The guarded upsert of the ``register`` (or ``end``) rows of ``_bulk_changes_stmt``."""
     keep = {c: f"EXCLUDED.{c}" for c in _VALUE_COLUMNS[1:]}
     for key in ("project_id", "agent_id", "project_path", "working_directory", "iterm_pane_id"):
         keep[key] = f"coalesce(EXCLUDED.{key}, sessions.{key})"
@@ -226,9 +240,11 @@ def _bulk_upsert_stmt(register: bool) -> Any:
         else "sessions.state = 'active' AND sessions.epoch = EXCLUDED.epoch"
     )
     columns = ", ".join(_VALUE_COLUMNS)
-    return text(
-        f"INSERT INTO sessions ({columns}) "
-        f"SELECT {columns} FROM {recordset({c: _COLUMN_TYPES[c] for c in _VALUE_COLUMNS})} "
+    rows = recordset(
+        {c: _COLUMN_TYPES[c] for c in _VALUE_COLUMNS}, "register" if register else "end"
+    )
+    return (
+        f"INSERT INTO sessions ({columns}) SELECT {columns} FROM {rows} "
         f"ON CONFLICT (session_uuid) DO UPDATE SET "
         f"{', '.join(f'{c} = {v}' for c, v in keep.items())} "
         f"WHERE {guard} RETURNING sessions.session_uuid"
