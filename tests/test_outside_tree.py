@@ -183,3 +183,27 @@ def test_every_transcript_open_refuses_a_path_outside_the_root(tmp_path: Path) -
         else:
             raise AssertionError(f"{path} was opened")
     assert first_session_id(str(inside), str(root)) == session  # inside: read as before
+
+
+def test_a_root_retargeted_elsewhere_is_resolved_again(tmp_path: Path) -> None:
+    """The root's resolution is cached for speed; a root that now names another directory
+    (a symlinked ``projects`` moved to a new disk) is resolved again: the new directory's
+    files are read, the old one's are outside the tree, even through a symlink into it."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder in (old, new):
+        (folder / "-p").mkdir(parents=True)
+        (folder / "-p" / "a.jsonl").write_bytes(user(new_uuid(), "x"))
+    root = tmp_path / "projects"
+    root.symlink_to(old, target_is_directory=True)
+    os.close(open_in_tree(str(root / "-p" / "a.jsonl"), str(root)))  # resolved: old
+
+    root.unlink()
+    root.symlink_to(new, target_is_directory=True)
+    (new / "-back").symlink_to(old, target_is_directory=True)
+    os.close(open_in_tree(str(root / "-p" / "a.jsonl"), str(root)))  # new: inside
+    try:
+        open_in_tree(str(root / "-back" / "-p" / "a.jsonl"), str(root))
+    except OutsideTree:
+        pass
+    else:
+        raise AssertionError("a file of the root's former directory was opened")

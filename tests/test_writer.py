@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, event, text
 from watcher_helpers import wait_for
 
 from headspace_watcher.errors import BatchRefused, CheckpointConflict, WriteAborted, WriteFailed
@@ -25,6 +25,8 @@ from headspace_watcher.records import (
     Batch,
     Event,
     Rejection,
+    SessionChange,
+    SessionInfo,
     SourceAdvance,
     SourcePosition,
     StreamState,
@@ -236,6 +238,45 @@ def test_stale_start_offset_conflicts_even_for_new_positions(
     with pytest.raises(CheckpointConflict):
         writer.write_batch(batch_for(source, 5, [turn(i, source) for i in range(5, 8)]))
     assert scalar(engine, "SELECT count(*) FROM events") == 3
+
+
+def test_checkpoints_of_many_streams_move_in_one_statement(
+    engine: Engine, writer: BatchWriter
+) -> None:
+    """A catch-up batch of many small files advances as many streams: one UPDATE for all of
+    them, each stream to its own end, lines and fingerprint. A stream advanced twice in the
+    batch (an empty advance, then one with lines) ends as the two in order leave it."""
+    many = [register(engine, f"s{i}.jsonl") for i in range(40)]
+    twice = register(engine, "twice.jsonl")
+    batch = Batch()
+    for i, source in enumerate(many):
+        batch.advances.append(
+            SourceAdvance(source.source_id, 0, 0, (i + 1) * LINE, i + 1, bytes([i]) * 32)
+        )
+    batch.advances.append(SourceAdvance(twice.source_id, 0, 0, 0, 0, None))
+    batch.advances.append(SourceAdvance(twice.source_id, 0, 0, 3 * LINE, 3, b"t" * 32))
+    updates: list[bool] = []
+
+    def seen(_c: Any, _cur: Any, statement: str, _p: Any, _ctx: Any, many_rows: bool) -> None:
+        if "UPDATE SOURCES" in statement.upper():
+            updates.append(many_rows)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        writer.write_batch(batch)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+
+    assert updates == [False]  # one statement, not one per stream
+    stored = {
+        r.id: (r.committed_offset, r.lines_committed, bytes(r.fingerprint))
+        for r in rows(
+            engine, "SELECT id, committed_offset, lines_committed, fingerprint FROM sources"
+        )
+    }
+    expected = {s.source_id: ((i + 1) * LINE, i + 1, bytes([i]) * 32) for i, s in enumerate(many)}
+    expected[twice.source_id] = (3 * LINE, 3, b"t" * 32)
+    assert stored == expected
 
 
 def test_nul_byte_event_is_rejected_rest_stored(engine: Engine, writer: BatchWriter) -> None:
@@ -552,6 +593,70 @@ def test_unindexable_project_and_agent_keys_store_the_lines_without_them(
     # the ids of the refused attempt were forgotten: the next batch works normally
     nxt = [turn(i, source) for i in range(4, 6)]
     assert writer.write_batch(batch_for(source, 4, nxt)).written == 2
+
+
+def test_keys_json_cannot_carry_store_the_lines_without_them(
+    engine: Engine, writer: BatchWriter
+) -> None:
+    """A session id or cwd with a lone surrogate (a file name's undecodable byte) cannot be
+    sent in the bulk statements' JSON rows: the batch is redone row by row like any refused
+    value, the lines are stored without the reference and the session is left out."""
+    source = register(engine)
+    odd = "5b0f8c1e-2a7d-4f3b-9c6e-\udcff"
+    events = [turn(i, source) for i in range(3)]
+    events[1].project_path = "/home/dev/src/\udcff"
+    events[2].agent_key = odd
+    info = SessionInfo(odd, "active", 1, EVENT_TIME, EVENT_TIME, PROJECT)
+    batch = batch_for(source, 0, events)
+    batch.sessions.append(SessionChange("register", info, 0))
+
+    result = writer.write_batch(batch)
+
+    assert (result.written, result.rejected) == (3, 0)
+    refs = rows(engine, "SELECT source_offset, project_id, agent_id FROM events ORDER BY 1")
+    assert [(r.project_id is None, r.agent_id is None) for r in refs] == [
+        (False, False),
+        (True, False),
+        (False, True),
+    ]
+    assert ("register", odd) in result.lost
+    assert scalar(engine, "SELECT count(*) FROM sessions") == 0
+    assert CheckpointStore(engine).load(source.path).committed_offset == 3 * LINE  # type: ignore[union-attr]
+
+
+def test_agent_inserted_concurrently_is_found_after_the_upsert(
+    engine: Engine, writer: BatchWriter
+) -> None:
+    """Another transaction inserts the batch's new agent and commits while the batch's
+    upsert waits for it: the upsert neither inserts it nor sees it in its snapshot, and the
+    events still get its id (looked up again), not none."""
+    source = register(engine)
+    other = engine.connect()
+    other_tx = other.begin()
+    other.execute(text("INSERT INTO agents (session_uuid) VALUES (:s)"), {"s": SESSION})
+    done: dict[str, Any] = {}
+
+    def write() -> None:
+        try:
+            done["result"] = writer.write_batch(batch_for(source, 0, [turn(0, source)]))
+        except BaseException as exc:  # reported by the assertion below
+            done["error"] = exc
+
+    thread = threading.Thread(target=write, name="writer-under-test", daemon=True)
+    thread.start()
+    try:
+        wait_for(
+            lambda: scalar(engine, "SELECT count(*) FROM pg_locks WHERE NOT granted"),
+            "the batch's upsert waiting for the other transaction",
+        )
+    finally:
+        other_tx.commit()
+        other.close()
+    thread.join(timeout=30)
+
+    assert "error" not in done and done["result"].written == 1
+    agent = scalar(engine, "SELECT id FROM agents WHERE session_uuid = :s", s=SESSION)
+    assert rows(engine, "SELECT agent_id FROM events")[0].agent_id == agent
 
 
 def test_rejection_with_an_unstorable_path_is_stored_escaped(

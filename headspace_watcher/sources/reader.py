@@ -57,13 +57,41 @@ def open_in_tree(path: str, root: str) -> int:
         raise
     try:
         real = os.readlink(f"/proc/self/fd/{fd}")
+        inside = real.startswith(_real_root(root))
     except OSError:
         os.close(fd)
         raise
-    if not real.startswith(os.path.join(os.path.realpath(root), "")):
+    if not inside:
         os.close(fd)
         raise OutsideTree(errno.EXDEV, "resolves outside the projects root", path)
     return fd
+
+
+_REAL_ROOTS: dict[str, tuple[int, int, str]] = {}  # root → its directory's (dev, ino), real/
+_REAL_ROOTS_MAX = 16
+
+
+def _real_root(root: str) -> str:
+    """``root``'s real path with a trailing separator, resolved again whenever ``root`` names
+    another directory than when it was last resolved.
+
+    Why cached: ``realpath`` costs an ``lstat`` per path component, and a catch-up opens
+    thousands of files under one root. One ``stat`` of ``root`` proves it still resolves to
+    the same directory (device and inode); a root swapped for a symlink elsewhere resolves to
+    another one and is resolved afresh, as before. An entry is stored only when the directory
+    did not change while it was being resolved.
+    """
+    before = os.stat(root)
+    cached = _REAL_ROOTS.get(root)
+    if cached is not None and cached[:2] == (before.st_dev, before.st_ino):
+        return cached[2]
+    real = os.path.join(os.path.realpath(root), "")
+    after = os.stat(real)
+    if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+        if len(_REAL_ROOTS) >= _REAL_ROOTS_MAX:
+            _REAL_ROOTS.clear()
+        _REAL_ROOTS[root] = (before.st_dev, before.st_ino, real)
+    return real
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from headspace_watcher.errors import CheckpointConflict, StreamRefused
 from headspace_watcher.records import SourceAdvance, StreamState
+from headspace_watcher.store.bulk import json_rows, recordset
 from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.schema import sources
 
@@ -77,34 +78,37 @@ def check_guard(conn: Connection, advances: list[SourceAdvance]) -> None:
             )
 
 
+_ADVANCE = text(
+    "WITH r AS (SELECT * FROM "
+    f"{recordset({'sid': 'bigint', 'end_offset': 'bigint', 'lines': 'bigint', 'fp': 'text'})}) "
+    "UPDATE sources SET committed_offset = r.end_offset, "
+    "lines_committed = sources.lines_committed + r.lines, fingerprint = decode(r.fp, 'hex'), "
+    "updated_at = now() FROM r "
+    "WHERE sources.id = r.sid AND sources.id = ANY(ARRAY(SELECT sid FROM r))"
+)
+
+
 def advance(conn: Connection, advances: list[SourceAdvance]) -> None:
-    """Move the checkpoints, in the transaction of the events those bytes produced."""
+    """Move the checkpoints, in the transaction of the events those bytes produced.
+
+    One statement for the whole batch (the rows as one JSON parameter, ``store.bulk``): a
+    catch-up of many small files advances thousands of streams, and one UPDATE per stream
+    cost the server a statement each. An UPDATE ... FROM applies one row per stream, so a
+    stream advanced twice in a batch is folded first, as the statements in order would have
+    left it: the last end and fingerprint, the lines summed.
+    """
     if not advances:
         return
-    conn.execute(
-        sources.update()
-        .where(sources.c.id == bindparam("sid"))
-        .values(
-            committed_offset=bindparam("end"),
-            lines_committed=sources.c.lines_committed + bindparam("n"),
-            fingerprint=bindparam("fp"),
-            updated_at=text("now()"),
-        ),
-        [
-            {"sid": a.source_id, "end": a.end_offset, "n": a.lines, "fp": a.fingerprint}
-            for a in advances
-        ],
-    )
-
-
-def _new_rows(new: list[tuple[str, str, int, int]]) -> dict[str, list[Any]]:
-    """``_REGISTER_MANY``'s array parameters for (path, stored path, inode, device)."""
-    return {
-        "paths": [s for _p, s, _i, _d in new],
-        "raw": [path_bytes(p) for p, _s, _i, _d in new],
-        "inodes": [i for _p, _s, i, _d in new],
-        "devices": [d for _p, _s, _i, d in new],
-    }
+    folded: dict[int, dict[str, Any]] = {}
+    for a in advances:
+        before = folded.get(a.source_id)
+        folded[a.source_id] = {
+            "sid": a.source_id,
+            "end_offset": a.end_offset,
+            "lines": a.lines + (before["lines"] if before else 0),
+            "fp": a.fingerprint.hex() if a.fingerprint is not None else None,
+        }
+    conn.execute(_ADVANCE, {"rows": json_rows(list(folded.values()))})
 
 
 def _state(row: object) -> StreamState:
@@ -122,11 +126,16 @@ def _state(row: object) -> StreamState:
     )
 
 
+# New rows returned by the insert, existing ones found by index (the statement's snapshot:
+# a row a concurrent writer committed meanwhile is neither, and is selected again).
 _REGISTER_MANY = text(
-    "INSERT INTO sources (path, path_bytes, inode, device) "
-    "SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:raw AS bytea[]), "
-    "CAST(:inodes AS bigint[]), CAST(:devices AS bigint[])) "
-    "ON CONFLICT (path) DO NOTHING"
+    "WITH r AS (SELECT * FROM "
+    f"{recordset({'path': 'text', 'raw': 'text', 'inode': 'bigint', 'device': 'bigint'})}), "
+    "added AS (INSERT INTO sources (path, path_bytes, inode, device) "
+    "SELECT path, decode(raw, 'hex'), inode, device FROM r "
+    "ON CONFLICT (path) DO NOTHING RETURNING *) "
+    "SELECT * FROM added UNION ALL "
+    "SELECT * FROM sources WHERE path = ANY(ARRAY(SELECT path FROM r))"
 )
 LOOKUP_MAX = 1000  # paths per lookup statement
 _SELECT_MANY = select(sources).where(sources.c.path == any_(bindparam("paths", type_=ARRAY(Text))))
@@ -183,36 +192,38 @@ class CheckpointStore:
         return _state(row)
 
     def register_many(self, files: list[tuple[str, int, int]]) -> dict[str, StreamState]:
-        """``register`` many (path, inode, device) at once: one transaction of two
-        statements with array parameters (compiled once, whatever the count), not one
-        transaction per file. For a catch-up over a tree of many new files.
+        """``register`` many (path, inode, device) at once: one transaction, one statement
+        (the rows as one JSON parameter, ``store.bulk``), not one transaction per file. For
+        a catch-up over a tree of many new files.
 
         Refused for good (one path beyond the index's limit refuses them all): {} and a
         warning; ``register`` then takes them one by one and holds only the culprit.
         """
         if not files:
             return {}
-        stored = [storable_path(p) for p, _i, _d in files]
+        rows = []
+        for path, inode, device in files:
+            raw = path_bytes(path)
+            rows.append(
+                {
+                    "path": storable_path(path),
+                    "raw": raw.hex() if raw is not None else None,
+                    "inode": inode,
+                    "device": device,
+                }
+            )
         try:
             with self._engine.begin() as conn:
-                found = {
-                    s.path: s for s in map(_state, conn.execute(_SELECT_MANY, {"paths": stored}))
-                }
-                new = [
-                    (p, s, i, d)
-                    for (p, i, d), s in zip(files, stored, strict=True)
-                    if p not in found
-                ]
-                if new:  # known files (a restart) are only read: nothing written for them
-                    conn.execute(_REGISTER_MANY, _new_rows(new))
-                    rows = conn.execute(_SELECT_MANY, {"paths": [s for _p, s, _i, _d in new]})
-                    found.update((s.path, s) for s in map(_state, rows))
+                found = conn.execute(_REGISTER_MANY, {"rows": json_rows(rows)}).all()
+                missing = {r["path"] for r in rows} - {f.path for f in found}
+                if missing:
+                    found += conn.execute(_SELECT_MANY, {"paths": sorted(missing)}).all()
         except Exception as exc:
             if is_transient(exc):
                 raise
             log.warning("bulk registration of new files refused", extra={"error": describe(exc)})
             return {}
-        return found
+        return {s.path: s for s in map(_state, found)}
 
     def rebind(self, state: StreamState, inode: int, device: int) -> StreamState:
         """Same content under a new inode (file replaced by a copy): keep the offset."""

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from headspace_watcher.records import Event
+from headspace_watcher.store.bulk import json_rows, recordset
 from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.rows import REFUSABLE
 
@@ -138,17 +139,28 @@ class References:
         return refs.projects.get(path) or self._project_ids.get(path)
 
 
-# array parameters: one compiled statement whatever the number of new keys
+# One statement per table: the rows already there are found, only the others inserted (no
+# speculative insertion for a known key, e.g. the agents of a batch of session ends); the
+# rows as one JSON parameter (``store.bulk``). Keys a concurrent writer inserted after this
+# statement's snapshot are neither found nor inserted: ``_missing`` selects them again.
 _UPSERT_PROJECTS = text(
-    "INSERT INTO projects (path, name) "
-    "SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:names AS text[])) "
-    "ON CONFLICT DO NOTHING"
+    f"WITH wanted AS (SELECT * FROM {recordset({'path': 'text', 'name': 'text'})}), "
+    "found AS (SELECT path, id FROM projects WHERE path = ANY(ARRAY(SELECT path FROM wanted))), "
+    "added AS (INSERT INTO projects (path, name) SELECT w.path, w.name FROM wanted w "
+    "WHERE w.path NOT IN (SELECT path FROM found) ON CONFLICT DO NOTHING RETURNING path, id) "
+    "SELECT path, id FROM found UNION ALL SELECT path, id FROM added"
 )
-_SELECT_PROJECTS = text("SELECT path, id FROM projects WHERE path = ANY(CAST(:paths AS text[]))")
+_SELECT_PROJECTS = text("SELECT path, id FROM projects WHERE path = ANY(CAST(:keys AS text[]))")
 _UPSERT_AGENTS = text(
-    "INSERT INTO agents (session_uuid, project_id) "
-    "SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:projects AS bigint[])) "
-    "ON CONFLICT DO NOTHING"
+    "WITH wanted AS (SELECT * FROM "
+    f"{recordset({'session_uuid': 'text', 'project_id': 'bigint'})}), "
+    "found AS (SELECT session_uuid, id FROM agents "
+    "WHERE session_uuid = ANY(ARRAY(SELECT session_uuid FROM wanted))), "
+    "added AS (INSERT INTO agents (session_uuid, project_id) "
+    "SELECT w.session_uuid, w.project_id FROM wanted w "
+    "WHERE w.session_uuid NOT IN (SELECT session_uuid FROM found) "
+    "ON CONFLICT DO NOTHING RETURNING session_uuid, id) "
+    "SELECT session_uuid, id FROM found UNION ALL SELECT session_uuid, id FROM added"
 )
 _SELECT_AGENTS = text(
     "SELECT session_uuid, id FROM agents WHERE session_uuid = ANY(CAST(:keys AS text[]))"
@@ -156,16 +168,26 @@ _SELECT_AGENTS = text(
 
 
 def _upsert_projects(conn: Connection, paths: list[str]) -> dict[str, int]:
-    names = [p.rstrip("/").rsplit("/", 1)[-1] or p for p in paths]
-    conn.execute(_UPSERT_PROJECTS, {"paths": paths, "names": names})
-    return {r.path: r.id for r in conn.execute(_SELECT_PROJECTS, {"paths": paths})}
+    rows = [{"path": p, "name": p.rstrip("/").rsplit("/", 1)[-1] or p} for p in paths]
+    ids = {r.path: r.id for r in conn.execute(_UPSERT_PROJECTS, {"rows": json_rows(rows)})}
+    return ids | _missing(conn, _SELECT_PROJECTS, paths, ids)
 
 
 def _upsert_agents(conn: Connection, keys: list[tuple[str, int | None]]) -> dict[str, int]:
-    uuids = [k for k, _ in keys]
-    conn.execute(_UPSERT_AGENTS, {"keys": uuids, "projects": [pid for _, pid in keys]})
-    rows = conn.execute(_SELECT_AGENTS, {"keys": uuids})
-    return {r.session_uuid: r.id for r in rows}
+    rows = [{"session_uuid": k, "project_id": pid} for k, pid in keys]
+    found = conn.execute(_UPSERT_AGENTS, {"rows": json_rows(rows)})
+    ids = {r.session_uuid: r.id for r in found}
+    ids |= _missing(conn, _SELECT_AGENTS, [k for k, _ in keys], ids)
+    return ids
+
+
+def _missing(conn: Connection, lookup: Any, keys: list[str], ids: dict[str, int]) -> dict[str, int]:
+    """The ids of the keys the upsert returned no row for (inserted concurrently, committed
+    after its snapshot: its insert skipped them, its lookup did not see them)."""
+    missing = [k for k in keys if k not in ids]
+    if not missing:
+        return {}
+    return {key: id_ for key, id_ in conn.execute(lookup, {"keys": missing})}
 
 
 def _each_alone(

@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from headspace_watcher.errors import CheckpointConflict
 from headspace_watcher.records import SessionChange, SessionInfo
+from headspace_watcher.store.bulk import json_rows, recordset
 from headspace_watcher.store.references import References
 from headspace_watcher.store.retry import describe, is_transient
 from headspace_watcher.store.rows import REFUSABLE
@@ -135,83 +136,106 @@ def _bulk_safe(changes: list[SessionChange]) -> bool:
 def _apply_bulk(
     conn: Connection, changes: list[SessionChange], refs: References, lost: set[tuple[str, str]]
 ) -> None:
-    """``_apply_one`` for all changes of a batch in at most three statements (array
-    parameters: one compiled statement whatever the count). A guard that failed is a row
-    not returned."""
+    """``_apply_one`` for all changes of a batch in ONE statement (the rows of each kind as
+    one JSON parameter, ``store.bulk``: one compiled statement whatever the count; each
+    session once, so its parts touch different rows). A guard that failed is a row not
+    returned."""
     by_kind: dict[str, list[SessionChange]] = {"register": [], "end": [], "activity": []}
     for ch in changes:
         if ch.kind == "end" and ch.expected_epoch == 0:
             lost.add((ch.kind, ch.info.session_uuid))  # never registered: nothing to end
         else:
             by_kind[ch.kind].append(ch)
+    if not any(by_kind.values()):
+        return
+    moves = [
+        {"uuid": c.info.session_uuid, "epoch": c.expected_epoch, "at": c.info.last_activity_at}
+        for c in by_kind["activity"]
+    ]
+    params = {
+        "register": json_rows(_upsert_rows(by_kind["register"], refs)),
+        "end": json_rows(_upsert_rows(by_kind["end"], refs)),
+        "activity": json_rows(moves),
+    }
+    won = {(kind, uuid) for kind, uuid in conn.execute(_bulk_changes_stmt(), params)}
     for kind in ("register", "end"):
-        if by_kind[kind]:
-            params = _upsert_arrays(by_kind[kind], refs)
-            won = set(conn.execute(_bulk_upsert_stmt(kind == "register"), params).scalars())
-            lost.update((kind, u) for u in params["session_uuid"] if u not in won)
-    activity = by_kind["activity"]
-    if activity:
-        params = {
-            "uuids": [ch.info.session_uuid for ch in activity],
-            "epochs": [ch.expected_epoch for ch in activity],
-            "ats": [ch.info.last_activity_at for ch in activity],
-        }
-        updated = set(conn.execute(_BULK_ACTIVITY, params).scalars())
-        for ch in activity:
-            if ch.info.session_uuid not in updated:
-                raise CheckpointConflict(
-                    f"session {ch.info.session_uuid} is no longer active "
-                    f"with epoch {ch.expected_epoch}"
-                )
+        lost.update((kind, c.info.session_uuid) for c in by_kind[kind])
+    lost.difference_update(won)
+    for ch in by_kind["activity"]:
+        if ("activity", ch.info.session_uuid) not in won:
+            raise CheckpointConflict(
+                f"session {ch.info.session_uuid} is no longer active with epoch {ch.expected_epoch}"
+            )
 
 
-def _upsert_arrays(changes: list[SessionChange], refs: References) -> dict[str, list[Any]]:
-    """The changes' rows as one array per column (``_bulk_upsert_stmt``'s parameters)."""
-    cols: dict[str, list[Any]] = {c: [] for c in _VALUE_COLUMNS}
+def _upsert_rows(changes: list[SessionChange], refs: References) -> list[dict[str, Any]]:
+    """The changes' rows, keyed by column (``_bulk_upsert_stmt``'s parameter)."""
+    rows = []
     for ch in changes:
         i = ch.info
-        row = (
-            i.session_uuid, i.state, i.epoch, i.registered_at, i.last_activity_at,
-            i.project_path, refs.project_id(i.project_path), refs.agent_id(i.session_uuid),
-            ch.ended_at, ch.end_reason, i.monitored, i.working_directory, i.iterm_pane_id,
-        )  # fmt: skip
-        for col, value in zip(_VALUE_COLUMNS, row, strict=True):
-            cols[col].append(value)
-    return cols
+        rows.append(
+            {
+                "session_uuid": i.session_uuid,
+                "state": i.state,
+                "epoch": i.epoch,
+                "registered_at": i.registered_at,
+                "last_activity_at": i.last_activity_at,
+                "project_path": i.project_path,
+                "project_id": refs.project_id(i.project_path),
+                "agent_id": refs.agent_id(i.session_uuid),
+                "ended_at": ch.ended_at,
+                "end_reason": ch.end_reason,
+                "monitored": i.monitored,
+                "working_directory": i.working_directory,
+                "iterm_pane_id": i.iterm_pane_id,
+            }
+        )
+    return rows
 
 
-_ARRAY_TYPES = {
-    "session_uuid": "text[]",
-    "state": "text[]",
-    "epoch": "integer[]",
-    "registered_at": "timestamptz[]",
-    "last_activity_at": "timestamptz[]",
-    "project_path": "text[]",
-    "project_id": "bigint[]",
-    "agent_id": "bigint[]",
-    "ended_at": "timestamptz[]",
-    "end_reason": "text[]",
-    "monitored": "boolean[]",
-    "working_directory": "text[]",
-    "iterm_pane_id": "text[]",
+_COLUMN_TYPES = {
+    "session_uuid": "text",
+    "state": "text",
+    "epoch": "integer",
+    "registered_at": "timestamptz",
+    "last_activity_at": "timestamptz",
+    "project_path": "text",
+    "project_id": "bigint",
+    "agent_id": "bigint",
+    "ended_at": "timestamptz",
+    "end_reason": "text",
+    "monitored": "boolean",
+    "working_directory": "text",
+    "iterm_pane_id": "text",
 }
 
-_BULK_ACTIVITY = text(
-    "UPDATE sessions SET last_activity_at = greatest(sessions.last_activity_at, u.at) "
-    "FROM unnest(CAST(:uuids AS text[]), CAST(:epochs AS integer[]), "
-    "CAST(:ats AS timestamptz[])) AS u(uuid, expected_epoch, at) "
-    "WHERE sessions.session_uuid = u.uuid AND sessions.state = 'active' "
-    "AND sessions.epoch = u.expected_epoch "
-    "RETURNING sessions.session_uuid"
-)
+_MOVES = {"uuid": "text", "epoch": "integer", "at": "timestamptz"}
 
 
 @functools.cache
-def _bulk_upsert_stmt(register: bool) -> Any:
-    """``_upsert_stmt`` over arrays: the same guard, with the expected epoch implied by the
-    row's own (``_bulk_safe``): a ``register`` of epoch n needs the row absent or ended at
-    n - 1, an ``end`` of epoch n needs it active at n. Returns the uuids that won."""
-    unnest = ", ".join(f"CAST(:{c} AS {_ARRAY_TYPES[c]})" for c in _VALUE_COLUMNS)
+def _bulk_changes_stmt() -> Any:
+    """``_upsert_stmt`` of the ``register`` and the ``end`` rows and ``_activity_stmt`` of the
+    ``activity`` rows, in one statement. The upserts keep their guard, with the expected
+    epoch implied by the row's own (``_bulk_safe``): a ``register`` of epoch n needs the row
+    absent or ended at n - 1, an ``end`` of epoch n needs it active at n. Returns (kind,
+    uuid) of the changes that won."""
+    return text(
+        f"WITH reg AS ({_bulk_upsert(True)}), fin AS ({_bulk_upsert(False)}), "
+        f"moves AS (SELECT * FROM {recordset(_MOVES, 'activity')}), "
+        "act AS (UPDATE sessions SET last_activity_at = "
+        "greatest(sessions.last_activity_at, r.at) FROM moves r "
+        "WHERE sessions.session_uuid = r.uuid AND sessions.state = 'active' "
+        "AND sessions.epoch = r.epoch "
+        "AND sessions.session_uuid = ANY(ARRAY(SELECT uuid FROM moves)) "
+        "RETURNING sessions.session_uuid) "
+        "SELECT 'register', session_uuid FROM reg UNION ALL "
+        "SELECT 'end', session_uuid FROM fin UNION ALL "
+        "SELECT 'activity', session_uuid FROM act"
+    )
+
+
+def _bulk_upsert(register: bool) -> str:
+    """The guarded upsert of the ``register`` (or ``end``) rows of ``_bulk_changes_stmt``."""
     keep = {c: f"EXCLUDED.{c}" for c in _VALUE_COLUMNS[1:]}
     for key in ("project_id", "agent_id", "project_path", "working_directory", "iterm_pane_id"):
         keep[key] = f"coalesce(EXCLUDED.{key}, sessions.{key})"
@@ -222,8 +246,12 @@ def _bulk_upsert_stmt(register: bool) -> Any:
         if register
         else "sessions.state = 'active' AND sessions.epoch = EXCLUDED.epoch"
     )
-    return text(
-        f"INSERT INTO sessions ({', '.join(_VALUE_COLUMNS)}) SELECT * FROM unnest({unnest}) "
+    columns = ", ".join(_VALUE_COLUMNS)
+    rows = recordset(
+        {c: _COLUMN_TYPES[c] for c in _VALUE_COLUMNS}, "register" if register else "end"
+    )
+    return (
+        f"INSERT INTO sessions ({columns}) SELECT {columns} FROM {rows} "
         f"ON CONFLICT (session_uuid) DO UPDATE SET "
         f"{', '.join(f'{c} = {v}' for c, v in keep.items())} "
         f"WHERE {guard} RETURNING sessions.session_uuid"
