@@ -144,9 +144,13 @@ REGISTRY: dict[str, EventType] = {
     t.name: t
     for t in (
         EventType(
-            "session_registered", _SCHEMAS["session_registered"], "lifecycle", "idempotency_key"
+            "session_registered",
+            _SCHEMAS["session_registered"],
+            "lifecycle",
+            "idempotency_key",
+            True,
         ),
-        EventType("session_ended", _SCHEMAS["session_ended"], "lifecycle", "idempotency_key"),
+        EventType("session_ended", _SCHEMAS["session_ended"], "lifecycle", "idempotency_key", True),
         EventType("turn_detected", _SCHEMAS["turn_detected"], "transcript", "position", True),
         EventType("state_transition", _SCHEMAS["state_transition"], "producer", "idempotency_key"),
         EventType("hook_received", _SCHEMAS["hook_received"], "hook", "position"),
@@ -215,6 +219,54 @@ def _turn_ok(p: dict[str, Any]) -> bool:
     return True
 
 
+# ---------------------------------------------------------------- lifecycle fast paths
+# A catch-up of many small sessions makes two lifecycle events per session; the same idea
+# as ``_turn_ok``: a subset of each schema, checked directly, anything else to voluptuous.
+_REGISTERED_TEXT = ("session_uuid", "project_path", "working_directory")
+_REGISTERED_KEYS = frozenset((*_REGISTERED_TEXT, "iterm_pane_id", "source"))
+_REGISTERED_SOURCES = frozenset(("transcript", "cli", "api"))
+_ENDED_KEYS = frozenset(("session_uuid", "reason", "duration_seconds"))
+_ENDED_REASONS = frozenset(("timeout", "unregistered", "closed"))
+
+
+def _nonempty_str(value: Any) -> bool:
+    return type(value) is str and bool(value)
+
+
+def _registered_ok(p: dict[str, Any]) -> bool:
+    if not _REGISTERED_KEYS.issuperset(p) or not all(
+        _nonempty_str(p.get(k)) for k in _REGISTERED_TEXT
+    ):
+        return False
+    pane = p.get("iterm_pane_id")
+    source = p.get("source", "transcript")
+    return (
+        (pane is None or type(pane) is str)
+        and type(source) is str
+        and source in _REGISTERED_SOURCES
+    )
+
+
+def _ended_ok(p: dict[str, Any]) -> bool:
+    duration = p.get("duration_seconds", 0)
+    return (
+        _ENDED_KEYS.issuperset(p)
+        and _nonempty_str(p.get("session_uuid"))
+        and type(p.get("reason")) is str
+        and p.get("reason") in _ENDED_REASONS
+        and type(duration) is int
+        and duration >= 0
+    )
+
+
+# checked directly while the registry holds these very schema objects
+_FAST_PATHS = {
+    id(_TURN_SCHEMA): _turn_ok,
+    id(_SCHEMAS["session_registered"]): _registered_ok,
+    id(_SCHEMAS["session_ended"]): _ended_ok,
+}
+
+
 def validate_payload(event_type: str, payload: Any) -> dict[str, Any]:
     """Return the validated payload or raise InvalidEvent naming the offending field."""
     entry = REGISTRY.get(event_type)
@@ -226,7 +278,8 @@ def validate_payload(event_type: str, payload: Any) -> dict[str, Any]:
     schema = entry.schema
     if not isinstance(payload, dict):
         raise InvalidEvent(event_type, f"{event_type}: payload must be a mapping")
-    if schema is _TURN_SCHEMA and _turn_ok(payload):
+    fast = _FAST_PATHS.get(id(schema))
+    if fast is not None and fast(payload):
         return dict(payload)
     try:
         return schema(payload)

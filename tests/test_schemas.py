@@ -277,3 +277,52 @@ def test_registry_is_extensible(monkeypatch: pytest.MonkeyPatch) -> None:
     assert new_type in str(unknown.value)
     # existing types are untouched
     assert validate_payload("turn_detected", VALID["turn_detected"]) == VALID["turn_detected"]
+
+
+@pytest.mark.parametrize("event_type", ["session_registered", "session_ended", "turn_detected"])
+def test_fast_path_accepts_only_what_the_schema_accepts(event_type: str) -> None:
+    """The direct checks (``taxonomy._FAST_PATHS``) are a subset of the voluptuous schema:
+    whatever they pass, the schema passes unchanged (a random walk over field values)."""
+    import random
+
+    from headspace_watcher.taxonomy import _FAST_PATHS
+
+    entry = REGISTRY[event_type]
+    fast = _FAST_PATHS[id(entry.schema)]
+    pool = [
+        "",
+        "x",
+        "timeout",
+        "cli",
+        "api",
+        "transcript",
+        "closed",
+        "user",
+        "agent",
+        "polling",
+        "2026-01-01T00:00:00Z",
+        None,
+        0,
+        -1,
+        7,
+        True,
+        2**70,
+        [],
+        ["a"],
+        {},
+        {"a": 1},
+    ]
+    keys = [*VALID[event_type], "surprise", "iterm_pane_id", "source", "duration_seconds"]
+    rng = random.Random(12)
+    accepted = 0
+    for _ in range(4000):
+        payload = dict(VALID[event_type])
+        for key in rng.sample(keys, k=rng.randint(1, 3)):
+            if rng.random() < 0.2:
+                payload.pop(key, None)
+            else:
+                payload[key] = rng.choice(pool)
+        if fast(payload):
+            accepted += 1
+            assert entry.schema(payload) == payload, payload
+    assert accepted > 100  # the walk reaches the fast path, not only its refusals
