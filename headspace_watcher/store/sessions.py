@@ -170,27 +170,27 @@ def _apply_bulk(
 
 def _upsert_rows(changes: list[SessionChange], refs: References) -> list[dict[str, Any]]:
     """The changes' rows, keyed by column (``_bulk_upsert_stmt``'s parameter)."""
-    rows = []
-    for ch in changes:
-        i = ch.info
-        rows.append(
-            {
-                "session_uuid": i.session_uuid,
-                "state": i.state,
-                "epoch": i.epoch,
-                "registered_at": i.registered_at,
-                "last_activity_at": i.last_activity_at,
-                "project_path": i.project_path,
-                "project_id": refs.project_id(i.project_path),
-                "agent_id": refs.agent_id(i.session_uuid),
-                "ended_at": ch.ended_at,
-                "end_reason": ch.end_reason,
-                "monitored": i.monitored,
-                "working_directory": i.working_directory,
-                "iterm_pane_id": i.iterm_pane_id,
-            }
-        )
-    return rows
+    return [_row(ch, refs) for ch in changes]
+
+
+def _row(ch: SessionChange, refs: References) -> dict[str, Any]:
+    """The session row a change leaves, by column."""
+    i = ch.info
+    return {
+        "session_uuid": i.session_uuid,
+        "state": i.state,
+        "epoch": i.epoch,
+        "registered_at": i.registered_at,
+        "last_activity_at": i.last_activity_at,
+        "project_path": i.project_path,
+        "project_id": refs.project_id(i.project_path),
+        "agent_id": refs.agent_id(i.session_uuid),
+        "ended_at": ch.ended_at,
+        "end_reason": ch.end_reason,
+        "monitored": i.monitored,
+        "working_directory": i.working_directory,
+        "iterm_pane_id": i.iterm_pane_id,
+    }
 
 
 _COLUMN_TYPES = {
@@ -274,22 +274,7 @@ def _apply_one(
     if ch.kind == "end" and ch.expected_epoch == 0:
         lost.add((ch.kind, i.session_uuid))
         return
-    values = {
-        "session_uuid": i.session_uuid,
-        "state": i.state,
-        "epoch": i.epoch,
-        "registered_at": i.registered_at,
-        "last_activity_at": i.last_activity_at,
-        "project_path": i.project_path,
-        "project_id": refs.project_id(i.project_path),
-        "agent_id": refs.agent_id(i.session_uuid),
-        "ended_at": ch.ended_at,
-        "end_reason": ch.end_reason,
-        "monitored": i.monitored,
-        "working_directory": i.working_directory,
-        "iterm_pane_id": i.iterm_pane_id,
-        "expected_epoch": ch.expected_epoch,
-    }
+    values = {**_row(ch, refs), "expected_epoch": ch.expected_epoch}
     if conn.execute(_upsert_stmt(ch.kind == "register"), values).first() is None:
         lost.add((ch.kind, i.session_uuid))
 
