@@ -257,6 +257,9 @@ def check(
         rep.add(f"{view.other_positioned} events of other types carry a source position")
 
     known_ids: set[int] = set()
+    generations: dict[int, set[int]] = {}  # source id -> generations rows were stored under
+    for sid, g in (*turns_by, *rej_by):
+        generations.setdefault(sid, set()).add(g)
     for path in sorted(set(contents) | set(old_generations)):
         src = view.sources.get(str(path))
         data = contents.get(path)
@@ -280,7 +283,7 @@ def check(
         gen = src.generation
         if gen != len(olds):
             rep.add(f"{path}: source is at generation {gen}, expected {len(olds)}")
-        for g in {k[1] for k in list(turns_by) + list(rej_by) if k[0] == src.id}:
+        for g in generations.get(src.id, ()):
             if g > gen or (g < gen and g >= len(olds)):
                 rep.add(f"{path}: rows of unexpected generation {g} (current {gen})")
         if data_now is None:
