@@ -22,6 +22,9 @@ venv:
 
 # venv + the embedded PostgreSQL's data dir + the schema (idempotent)
 setup: venv
+    @# the service loads bytecode even where PYTHONDONTWRITEBYTECODE is set (an editable
+    @# install compiles nothing): compiling at every start costs ~0.3 s and ~2.5 MB of RSS
+    {{bin}}/python -m compileall -q headspace_watcher >/dev/null
     {{bin}}/headspace-watcher setup
 
 # the whole test suite (starts its own throwaway PostgreSQL)

@@ -86,6 +86,17 @@ def test_many_new_files_are_registered_in_bulk(watcher, db_engine, exactly_once)
     assert (status["files_watched"], status["sessions_watched"]) == (0, 0)
 
 
+def test_a_batch_takes_at_most_128_streams(watcher, db_engine, exactly_once) -> None:  # type: ignore[no-untyped-def]
+    """Lines alone would pack 500 one-line files into a batch; each file also costs its
+    state and a session's rows, so a batch stops at 128 files (600 files: 5 batches)."""
+    small_sessions(watcher.root, 600)
+    with counting() as seen:
+        watcher.run_once()
+    advances = sum("UPDATE sources SET committed_offset" in s for s in seen.statements)
+    assert advances == 5, advances
+    exactly_once(db_engine, watcher.root)
+
+
 def test_known_files_are_looked_up_in_bulk_on_a_rerun(watcher, db_engine, exactly_once) -> None:  # type: ignore[no-untyped-def]
     small_sessions(watcher.root, 1200)
     watcher.run_once()

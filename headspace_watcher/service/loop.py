@@ -53,6 +53,9 @@ TRIM_AFTER_BYTES = 1 << 20  # ingested since the last release_free_memory()
 TRIM_AFTER_FILES = 100  # forgotten at once (their sessions ended)
 STATUS_EVERY_S = 1.0
 END_ROUND = 500  # sessions ended in one transaction
+# Streams in one batch: each costs its state and a session's rows besides its lines, so a
+# tree of tiny files would otherwise grow a batch's memory with the files it packs in.
+STREAMS_PER_BATCH = 128
 _MAX_END_ROUNDS = 1000  # END_ROUND sessions each: a bound, never reached by a real tree
 
 
@@ -349,7 +352,7 @@ class Service:
         if not self._check_lock():
             return False
         isolating = self._isolate > 0
-        budget = Budget(self.batch_lines, self.batch_bytes, 1 if isolating else None)
+        budget = Budget(self.batch_lines, self.batch_bytes, 1 if isolating else STREAMS_PER_BATCH)
         try:
             chunks = [c for source in self.sources for c in source.read(budget)]
         except Exception as exc:  # database errors while registering streams
