@@ -153,13 +153,13 @@ def _lifecycle(db_engine: Engine) -> dict[str, list[tuple[str, int]]]:
 def test_sessions_end_during_the_backlog_not_after_it(watcher, db_engine, exactly_once) -> None:  # type: ignore[no-untyped-def]
     """A catch-up over many ended sessions ends them a round at a time as it goes (so it
     never holds them all active): some session_ended precedes later sessions' turns."""
-    small_sessions(watcher.root, 1500)
+    small_sessions(watcher.root, 400)
     watcher.run_once()
     first_end = scalar(db_engine, "SELECT min(id) FROM events WHERE event_type = 'session_ended'")
     last_turn = scalar(db_engine, "SELECT max(id) FROM events WHERE event_type = 'turn_detected'")
     assert first_end < last_turn
     lifecycle = _lifecycle(db_engine)
-    assert len(lifecycle) == 1500
+    assert len(lifecycle) == 400
     assert {tuple(k for k, _ in v) for v in lifecycle.values()} == {
         ("session_registered", "session_ended")
     }
@@ -173,7 +173,7 @@ def test_a_session_with_unread_lines_is_not_ended_during_the_backlog(
     transcript still had unread lines would be registered again when they are read: each
     session is registered once and ended once, after the last of its lines."""
     sessions: list[str] = []
-    for i in range(900):
+    for i in range(450):
         session = new_uuid()
         sessions.append(session)
         proj = project_dir(watcher.root, f"-home-dev-src-q{i % 2}")
