@@ -265,6 +265,14 @@ def assert_exactly_once(
     assert not dup_events, f"events stored twice at one source position: {dup_events}"
     assert not dup_rejects, f"rejections stored twice at one source position: {dup_rejects}"
 
+    # grouped once by stream and generation: a scan per file is quadratic in a large tree
+    turns_of: dict[tuple[int, int], list[int]] = {}
+    for r in turn_rows:
+        turns_of.setdefault((r.source_id, r.source_generation), []).append(r.source_offset)
+    rejects_of: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for r in reject_rows:
+        key = (r.source_id, r.source_generation)
+        rejects_of.setdefault(key, []).append((r.byte_offset, r.raw_length))
     problems: list[str] = []
     for path, exp in expected.items():
         src = srcs.get(path)
@@ -272,16 +280,8 @@ def assert_exactly_once(
             if exp.complete_lines:
                 problems.append(f"{path}: {exp.complete_lines} complete lines, never ingested")
             continue
-        turns = sorted(
-            r.source_offset
-            for r in turn_rows
-            if r.source_id == src.id and r.source_generation == src.generation
-        )
-        rejects = sorted(
-            (r.byte_offset, r.raw_length)
-            for r in reject_rows
-            if r.source_id == src.id and r.source_generation == src.generation
-        )
+        turns = sorted(turns_of.get((src.id, src.generation), []))
+        rejects = sorted(rejects_of.get((src.id, src.generation), []))
         want_rejects = [(o, exp.lengths[o]) for o in exp.rejects]
         if src.committed_offset != exp.committed_offset:
             problems.append(
