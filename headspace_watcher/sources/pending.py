@@ -24,7 +24,7 @@ class PendingStreams:
     the paths that name no session. Nothing is kept per session besides: a backlog of
     10,000 files costs its paths, not a session name each too."""
 
-    __slots__ = ("_folders", "_owner", "_paths", "_session_dirs", "_unnamed")
+    __slots__ = ("_folders", "_home", "_owner", "_paths", "_session_dirs", "_unnamed")
 
     def __init__(self, owner: Owner) -> None:
         self._owner = owner
@@ -32,6 +32,10 @@ class PendingStreams:
         self._folders: dict[str, int] = {}
         self._session_dirs: dict[str, int] = {}
         self._unnamed: dict[str, int] = {}
+        # session -> the project folder holding its transcript, once a look found it held
+        # there: a session waiting on its folder's 2.0.x files is then checked in O(1) at
+        # each batch, not with a stat per folder (thousands of them wait in such a tree)
+        self._home: dict[str, str] = {}
 
     def add(self, path: str) -> None:
         if path in self._paths:
@@ -58,17 +62,33 @@ class PendingStreams:
     def clear(self) -> None:
         """Empty, freeing the tables a backlog grew (a dict never shrinks by deletions)."""
         self._paths, self._folders, self._session_dirs, self._unnamed = {}, {}, {}, {}
+        self._home = {}
 
     def may_hold(self, session_uuid: str) -> bool:
         """Can a pending path hold lines of ``session_uuid``: its transcript or one of its
         sub-agents', or one naming no session in a folder that has its transcript."""
         name = session_uuid + ".jsonl"
+        home = self._home.get(session_uuid)
+        if home is not None:
+            if self._holds(home, session_uuid, name) or home in self._unnamed:
+                return True
+            del self._home[session_uuid]
+            return False
         for folder in self._folders:
-            if os.path.join(folder, name) in self._paths:
+            if self._holds(folder, session_uuid, name):
                 return True
-            if os.path.join(folder, session_uuid) in self._session_dirs:
+        for folder in self._unnamed:
+            if os.path.lexists(os.path.join(folder, name)):
+                self._home[session_uuid] = folder
                 return True
-        return any(os.path.lexists(os.path.join(folder, name)) for folder in self._unnamed)
+        return False
+
+    def _holds(self, folder: str, session_uuid: str, name: str) -> bool:
+        """Is the session's transcript, or one of its sub-agents', pending in ``folder``?"""
+        return (
+            os.path.join(folder, name) in self._paths
+            or os.path.join(folder, session_uuid) in self._session_dirs
+        )
 
     def __contains__(self, path: object) -> bool:
         return path in self._paths
